@@ -97,7 +97,10 @@ class RuntimeMetrics:
             "runwatch_runs_started_total", "Runs started.", ["agent"], registry=r
         )
         self.runs_finished = Counter(
-            "runwatch_runs_finished_total", "Runs ended, by outcome.", ["agent", "outcome"], registry=r
+            "runwatch_runs_finished_total",
+            "Runs ended, by outcome.",
+            ["agent", "outcome"],
+            registry=r,
         )
         self.run_duration = Histogram(
             "runwatch_run_duration_seconds",

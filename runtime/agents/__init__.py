@@ -1,0 +1,105 @@
+"""Agents: async functions of a :class:`RunContext`; their return value is the final report.
+
+An agent never emits lifecycle events itself: it calls ``ctx.think``, ``ctx.delta`` and
+``await ctx.tool(...)``, and the engine emits ``agent_thinking``, ``text_delta`` and the
+``tool_executing``/``tool_completed`` pair around every tool call.
+
+Agents are found by name in an :class:`AgentRegistry`: the built-ins (``demo``, ``llm``), any
+``--agent module:function`` given on the command line, and the entry point group
+``runwatch.agents``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable, Iterable
+from importlib.metadata import entry_points
+from typing import Any, Protocol, cast
+
+__all__ = ["Agent", "AgentRegistry", "RunContext", "ToolError", "load_agent"]
+
+
+class ToolError(Exception):
+    """A tool call failed (raised, timed out, bad arguments, unknown tool).
+
+    The ``tool_completed`` event with ``status: "error"`` has already been emitted; the agent
+    may catch this and explain, or let it propagate (the run then ends with ``agent_failed``).
+    """
+
+    def __init__(self, tool: str, message: str) -> None:
+        super().__init__(f"{tool}: {message}")
+        self.tool = tool
+        self.message = message
+
+
+class RunContext(Protocol):
+    """What an agent can do during a run."""
+
+    run_id: str
+    thread_id: str
+    user_id: str
+    input: str
+    agent: str
+
+    async def think(self, text: str) -> None: ...
+
+    async def delta(self, text: str) -> None: ...
+
+    async def tool(self, name: str, args: dict[str, Any] | None = None) -> Any: ...
+
+    def tool_schemas(self) -> list[dict[str, Any]]: ...
+
+
+Agent = Callable[[RunContext], Awaitable[str]]
+
+
+def load_agent(spec: str) -> Agent:
+    """``module:function`` → the function."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"agent must be given as module:function, got {spec!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec} is not callable")
+    return cast(Agent, obj)
+
+
+class AgentRegistry:
+    """Agents by name; the first registered is the default unless one is named."""
+
+    def __init__(self, agents: Iterable[tuple[str, Agent]] = (), default: str = "demo") -> None:
+        self._agents: dict[str, Agent] = dict(agents)
+        self.default = default
+
+    def register(self, name: str, agent: Agent) -> None:
+        self._agents[name] = agent
+
+    def get(self, name: str | None) -> Agent | None:
+        return self._agents.get(name or self.default)
+
+    def names(self) -> list[str]:
+        return sorted(self._agents)
+
+    @classmethod
+    def with_builtins(cls, extra: Iterable[str] = ()) -> AgentRegistry:
+        from .demo import demo_agent
+
+        registry = cls([("demo", demo_agent), ("llm", _llm_agent)])
+        for ep in entry_points(group="runwatch.agents"):
+            registry.register(ep.name, ep.load())
+        for spec in extra:
+            name, sep, target = spec.partition("=")
+            if not sep:
+                target = name
+                name = spec.rpartition(":")[2]
+            registry.register(name, load_agent(target))
+        return registry
+
+
+async def _llm_agent(ctx: RunContext) -> str:
+    # Imported on first use: the HTTP client stack is only loaded when the agent runs.
+    from .llm import llm_agent
+
+    return await llm_agent(ctx)

@@ -1,0 +1,240 @@
+"""The ``runwatch`` command: serve, runtime, monitor, token, migrate, purge, check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from . import __version__
+from .config import ConfigError, Settings
+
+__all__ = ["main", "parse_duration"]
+
+log = logging.getLogger("runwatch")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``30d``, ``1h``, ``90s`` → seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 30s, 15m, 1h, 30d; got {text!r}"
+        )
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+class _GracefulServer(uvicorn.Server):
+    """Runs runwatch's own graceful shutdown on SIGTERM/SIGINT *before* uvicorn closes the
+    sockets (uvicorn would otherwise close every WebSocket first)."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Any) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        log.warning("received %s: draining runs before shutdown", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))  # type: ignore[union-attr]
+
+    async def _drain(self) -> None:
+        try:
+            await self.runtime.shutdown()
+        finally:
+            self.should_exit = True
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        print(f"runwatch: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) -> int:
+    from .server import Runtime, create_app, is_loopback
+    from .store.migrate import upgrade
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    if with_runtime and settings.dev_mode:
+        if not is_loopback(args.host):
+            print(
+                f"runwatch: refusing to start in dev mode on non-loopback address {args.host}: "
+                "set RUNWATCH_JWT_SECRET (dev mode hands out tokens to anyone)",
+                file=sys.stderr,
+            )
+            return 2
+        log.warning(
+            "DEV MODE: RUNWATCH_JWT_SECRET is not set. POST /dev/token hands out tokens for any "
+            "user and the monitor is open. Never expose this server."
+        )
+    if args.migrate:
+        upgrade(settings.database_url)
+    agents = None
+    if getattr(args, "agent", None):
+        from .agents import AgentRegistry
+
+        agents = AgentRegistry.with_builtins(args.agent)
+    rt = Runtime(settings, agents=agents)
+    app = create_app(rt)
+    import importlib.util
+
+    if with_monitor and importlib.util.find_spec("monitor.service") is not None:
+        from monitor.service import attach_monitor
+
+        attach_monitor(app, rt, run_checker=True, serve_runtime=with_runtime)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        ws_max_size=1_048_576,
+        ws_ping_interval=settings.heartbeat_s,
+        ws_ping_timeout=settings.heartbeat_s,
+        log_level=settings.log_level.lower(),
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    server = _GracefulServer(config, rt)
+    server.run()
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import AuthError, TokenAuthority
+
+    settings = _settings(args)
+    if not settings.jwt_secret:
+        print("runwatch: RUNWATCH_JWT_SECRET must be set to mint tokens", file=sys.stderr)
+        return 2
+    try:
+        print(TokenAuthority(settings.jwt_secret).mint(args.user, ttl_s=args.ttl))
+    except AuthError as exc:
+        print(f"runwatch: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .store.migrate import upgrade
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    upgrade(settings.database_url, args.revision)
+    print(f"runwatch: schema at {args.revision}")
+    return 0
+
+
+def _purge(args: argparse.Namespace) -> int:
+    from .store.recorder import AuditStore
+
+    settings = _settings(args)
+    before_us = int((time.time() - args.older_than) * 1_000_000)
+
+    async def run() -> dict[str, int]:
+        store = AuditStore.open(settings.database_url)
+        try:
+            return await store.purge(before_us)
+        finally:
+            await store.close()
+
+    counts = asyncio.run(run())
+    print("runwatch: purged {runs} runs, {events} events, {deliveries} deliveries".format(**counts))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from monitor.check import run_check
+
+    return run_check(_settings(args), since_s=args.since, run_id=args.run, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runwatch", description="Run agents live and prove every user saw every step."
+    )
+    parser.add_argument("--version", action="version", version=f"runwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def server_args(p: argparse.ArgumentParser, port: int) -> None:
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=port)
+        p.add_argument(
+            "--no-migrate",
+            dest="migrate",
+            action="store_false",
+            help="do not apply schema migrations at start",
+        )
+
+    p = sub.add_parser("serve", help="runtime + monitor in one process (the embedded default)")
+    server_args(p, 8000)
+    p.add_argument("--agent", action="append", default=[], help="extra agent: [name=]module:func")
+    p = sub.add_parser("runtime", help="the runtime alone (production)")
+    server_args(p, 8000)
+    p.add_argument("--agent", action="append", default=[], help="extra agent: [name=]module:func")
+    p = sub.add_parser("monitor", help="the monitor alone (production)")
+    server_args(p, 8001)
+    p = sub.add_parser("token", help="mint a JWT for a user")
+    p.add_argument("--user", required=True)
+    p.add_argument("--ttl", type=parse_duration, default=3600.0, help="lifetime, e.g. 1h")
+    p = sub.add_parser("migrate", help="apply the audit store's schema migrations")
+    p.add_argument("--revision", default="head")
+    p = sub.add_parser("purge", help="delete ended runs older than a duration")
+    p.add_argument("--older-than", type=parse_duration, required=True, help="e.g. 30d")
+    p = sub.add_parser("check", help="judge stored runs; exit 1 on any violation")
+    p.add_argument("--since", type=parse_duration, default=3600.0, help="e.g. 1h (default)")
+    p.add_argument("--run", default=None, help="one run id")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args, with_runtime=True, with_monitor=True)
+    if args.command == "runtime":
+        return _serve(args, with_runtime=True, with_monitor=False)
+    if args.command == "monitor":
+        return _serve(args, with_runtime=False, with_monitor=True)
+    if args.command == "token":
+        return _token(args)
+    if args.command == "migrate":
+        return _migrate(args)
+    if args.command == "purge":
+        return _purge(args)
+    if args.command == "check":
+        return _check(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""Settings from ``RUNWATCH_*`` environment variables (every one is listed in the README)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["ConfigError", "Settings"]
+
+
+class ConfigError(ValueError):
+    """A ``RUNWATCH_*`` variable has a value runwatch cannot use."""
+
+    def __init__(self, name: str, value: str, expected: str) -> None:
+        super().__init__(f"{name}={value!r}: expected {expected}")
+        self.name = name
+        self.value = value
+        self.expected = expected
+
+
+def _default_instance() -> str:
+    return socket.gethostname() or "runwatch"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the runtime and the monitor, with its default."""
+
+    database_url: str = "sqlite+aiosqlite:///./runwatch.db"
+    jwt_secret: str | None = None
+    jwt_leeway_s: float = 30.0
+    admin_token: str | None = None
+    run_timeout_s: float = 300.0
+    tool_timeout_s: float = 60.0
+    drain_s: float = 10.0
+    connect_timeout_s: float = 10.0
+    heartbeat_s: float = 20.0
+    max_connections_per_user: int = 10
+    max_bad_frames: int = 20
+    chat_burst: int = 20
+    chat_refill_per_s: float = 1.0
+    send_queue_bytes: int = 1_048_576
+    instance_id: str = field(default_factory=_default_instance)
+    redis_url: str | None = None
+    data_dir: str = "./runwatch-data"
+    journal_max_bytes: int = 256 * 1024 * 1024
+    log_level: str = "info"
+    delivery_slo_s: float = 1.0
+    stuck_grace_s: float = 60.0
+    monitor_interval_s: float = 2.0
+
+    @property
+    def dev_mode(self) -> bool:
+        """No JWT secret: dev tokens are served and only loopback addresses are allowed."""
+        return not self.jwt_secret
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = "RUNWATCH_" + f.name.upper()
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+            try:
+                if kind.startswith("float"):
+                    values[f.name] = float(raw)
+                elif kind.startswith("int"):
+                    values[f.name] = int(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError:
+                raise ConfigError(name, raw, kind.split(" ")[0]) from None
+            if kind.startswith(("float", "int")) and values[f.name] < 0:
+                raise ConfigError(name, raw, "a non-negative number")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,345 @@
+"""Runs agents: the runtime, not the agent, emits every lifecycle event.
+
+For each run the engine starts a supervisor task that emits ``agent_started`` and the systematic
+``agent_thinking``, runs the agent in an inner task under the run timeout, and ends the run with
+exactly one terminal event whatever happens (I2, I8): ``final_report`` + ``agent_completed``
+emitted together, or ``agent_error`` with ``agent_failed``, ``timeout``, ``cancelled``,
+``runtime_restarted`` or ``internal``. Tool calls go through :meth:`_Context.tool`, which emits
+``tool_executing`` and, in a ``finally``, ``tool_completed`` (I4); the supervisor closes any tool
+call still open before the terminal event.
+
+Every emission goes through :meth:`Engine._emit`: seq assigned under the run's lock (I1), the
+event committed to the audit store (I6), then handed to the hub for the owner's sockets (I7).
+Emissions are shielded from cancellation, so a cancel can never leave an event half-emitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .agents import AgentRegistry, ToolError
+from .events import ErrorCode, Event
+from .hub import Hub
+from .lifecycle import LifecycleError, RunLifecycle, RunOutcome
+from .metrics import RuntimeMetrics
+from .store.recorder import AuditStore, RunInfo
+from .store.writer import AuditWriter
+from .tools import ToolArgumentError, ToolRegistry
+
+__all__ = ["Engine", "EngineConfig"]
+
+log = logging.getLogger("runwatch.engine")
+
+
+def wall_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    run_timeout_s: float = 300.0
+    tool_timeout_s: float = 60.0
+    #: How long a cancelled agent gets to unwind before the run is ended without it.
+    cancel_grace_s: float = 0.5
+    instance_id: str = "runwatch"
+
+
+@dataclass
+class _ActiveRun:
+    info: RunInfo
+    input: str
+    lc: RunLifecycle
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    supervisor: asyncio.Task[None] | None = None
+    inner: asyncio.Future[str] | None = None
+    #: Why the run is being stopped early (cancel, timeout, shutdown), if it is.
+    stop_code: ErrorCode | None = None
+    finishing: bool = False
+    tool_seq: int = 0
+
+
+class _Context:
+    """The :class:`~runtime.agents.RunContext` handed to an agent."""
+
+    def __init__(self, engine: Engine, run: _ActiveRun) -> None:
+        self._engine = engine
+        self._run = run
+        self.run_id = run.info.run_id
+        self.thread_id = run.info.thread_id
+        self.user_id = run.info.user_id
+        self.agent = run.info.agent
+        self.input = run.input
+
+    async def think(self, text: str) -> None:
+        await self._engine._emit(self._run, lambda lc: [lc.thinking(str(text))])
+
+    async def delta(self, text: str) -> None:
+        await self._engine._emit(self._run, lambda lc: [lc.delta(str(text))])
+
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        return self._engine.tools.schemas()
+
+    async def tool(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        engine, run = self._engine, self._run
+        args = dict(args or {})
+        run.tool_seq += 1
+        call_id = f"call_{run.tool_seq}"
+        await engine._emit(run, lambda lc: [lc.tool_executing(call_id, name, args)])
+        started = time.monotonic()
+        status, error, result = "error", "cancelled", None
+        try:
+            tool = engine.tools.get(name)
+            if tool is None:
+                error = f"unknown tool {name!r}"
+                raise ToolError(name, error)
+            timeout = tool.timeout_s or engine.config.tool_timeout_s
+            try:
+                result = await asyncio.wait_for(tool.call(args), timeout)
+            except TimeoutError:
+                error = f"timed out after {timeout:g}s"
+                raise ToolError(name, error) from None
+            except ToolArgumentError as exc:
+                error = str(exc)
+                raise ToolError(name, error) from exc
+            except (asyncio.CancelledError, ToolError):
+                raise
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                raise ToolError(name, error) from exc
+            status, error = "ok", ""
+            return result
+        finally:
+            # I4: every tool_executing gets its tool_completed, also on error and cancel.
+            engine.metrics.tool_calls.labels(tool=name, status=status).inc()
+            engine.metrics.tool_duration.labels(tool=name).observe(time.monotonic() - started)
+            if status == "ok":
+                await engine._emit(
+                    run, lambda lc: _complete_if_open(lc, call_id, result=_jsonable(result))
+                )
+            else:
+                await engine._emit(run, lambda lc: _complete_if_open(lc, call_id, error=error))
+
+
+def _complete_if_open(
+    lc: RunLifecycle, call_id: str, *, result: Any = None, error: str | None = None
+) -> list[Event]:
+    if call_id not in lc.open_tools or lc.ended:
+        return []
+    return [lc.tool_completed(call_id, result=result, error=error)]
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class Engine:
+    """Starts, cancels, times out and recovers runs."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        writer: AuditWriter,
+        hub: Hub,
+        metrics: RuntimeMetrics,
+        agents: AgentRegistry,
+        tools: ToolRegistry,
+        config: EngineConfig,
+        *,
+        clock_us: Callable[[], int] = wall_us,
+    ) -> None:
+        self.store = store
+        self.writer = writer
+        self.hub = hub
+        self.metrics = metrics
+        self.agents = agents
+        self.tools = tools
+        self.config = config
+        self.clock_us = clock_us
+        self.active: dict[str, _ActiveRun] = {}
+        self.accepting = True
+
+    # ---- emission -----------------------------------------------------------------------
+
+    async def _emit(self, run: _ActiveRun, make: Callable[[RunLifecycle], list[Event]]) -> None:
+        """Create, commit and publish events; shielded so a cancel never splits it."""
+        await asyncio.shield(self._emit_locked(run, make))
+
+    async def _emit_locked(
+        self, run: _ActiveRun, make: Callable[[RunLifecycle], list[Event]]
+    ) -> None:
+        async with run.lock:
+            for event in make(run.lc):
+                await self._commit_and_publish(event, run.info.user_id)
+
+    async def _commit_and_publish(self, event: Event, owner: str) -> None:
+        kind = event.type.value
+        live = self.hub.is_watched(event.run_id, owner)
+        self.metrics.events_emitted.labels(type=kind).inc()
+        if not live:
+            self.metrics.events_deferred.labels(type=kind).inc()
+        await self.writer.persist(event, live)  # I6: committed before any socket sees it
+        self.hub.publish(event, owner, live)
+
+    # ---- runs ---------------------------------------------------------------------------
+
+    def start(self, info: RunInfo, text: str) -> None:
+        """Start a run that the store already holds. The owner's connections are subscribed
+        before the first event is emitted, so every open tab sees the whole run."""
+        lc = RunLifecycle(
+            run_id=info.run_id, thread_id=info.thread_id, agent=info.agent, clock_us=self.clock_us
+        )
+        run = _ActiveRun(info=info, input=text, lc=lc)
+        self.active[info.run_id] = run
+        self.hub.run_started(info.run_id, info.user_id)
+        self.metrics.runs_started.labels(agent=info.agent).inc()
+        run.supervisor = asyncio.create_task(self._supervise(run), name=f"run-{info.run_id}")
+
+    def cancel(self, run_id: str, code: ErrorCode = ErrorCode.CANCELLED) -> bool:
+        """Stop a running run; False when it is not running here or is already finishing."""
+        run = self.active.get(run_id)
+        if run is None or run.finishing or run.stop_code is not None:
+            return run is not None
+        run.stop_code = code
+        if run.inner is not None:
+            run.inner.cancel()
+        return True
+
+    async def _supervise(self, run: _ActiveRun) -> None:
+        info = run.info
+        started = time.monotonic()
+        try:
+            await self._emit(run, lambda lc: [lc.started(run.input)])
+            # The runtime's systematic thinking step: every run shows one (I3).
+            await self._emit(
+                run, lambda lc: [lc.thinking(f"Working on it with the {info.agent} agent.")]
+            )
+            code, message, answer = await self._run_agent(run, started)
+            run.finishing = True
+            if code is None:
+                await self._emit(
+                    run,
+                    lambda lc: [
+                        *lc.close_open_tools("ended"),
+                        lc.final_report(answer),
+                        lc.completed(),
+                    ],
+                )
+            else:
+                await self._emit(run, lambda lc: lc.fail(code, message))
+        except Exception:
+            log.exception("run %s: internal error", info.run_id)
+            with contextlib.suppress(Exception):
+                if not run.lc.ended:
+                    await self._emit(run, lambda lc: lc.fail(ErrorCode.INTERNAL, "internal error"))
+        finally:
+            self.active.pop(info.run_id, None)
+            outcome = run.lc.outcome or RunOutcome.ERROR
+            self.metrics.runs_finished.labels(agent=info.agent, outcome=outcome).inc()
+            self.metrics.run_duration.labels(agent=info.agent).observe(time.monotonic() - started)
+
+    async def _run_agent(
+        self, run: _ActiveRun, started: float
+    ) -> tuple[ErrorCode | None, str, str]:
+        """Run the agent; returns (error code or None, error message, answer)."""
+        agent = self.agents.get(run.info.agent)
+        if agent is None:
+            return ErrorCode.AGENT_FAILED, f"unknown agent {run.info.agent!r}", ""
+        if run.stop_code is not None:
+            return run.stop_code, _STOP_MESSAGES[run.stop_code], ""
+        run.inner = asyncio.ensure_future(agent(_Context(self, run)))
+        remaining = run.info.timeout_s - (time.monotonic() - started)
+        done, _ = await asyncio.wait({run.inner}, timeout=max(0.0, remaining))
+        if not done:
+            if run.stop_code is None:
+                run.stop_code = ErrorCode.TIMEOUT
+            run.inner.cancel()
+        if run.stop_code is not None:
+            # Give the agent a moment to unwind (its tool calls emit their completions).
+            await asyncio.wait({run.inner}, timeout=self.config.cancel_grace_s)
+            message = _STOP_MESSAGES[run.stop_code]
+            if run.stop_code == ErrorCode.TIMEOUT:
+                message = f"the run exceeded its {run.info.timeout_s:g}s timeout"
+            return run.stop_code, message, ""
+        try:
+            answer = run.inner.result()
+        except asyncio.CancelledError:
+            return ErrorCode.CANCELLED, _STOP_MESSAGES[ErrorCode.CANCELLED], ""
+        except LifecycleError:
+            raise
+        except Exception as exc:
+            log.info("run %s: agent raised %r", run.info.run_id, exc)
+            return (
+                ErrorCode.AGENT_FAILED,
+                f"the agent failed: {type(exc).__name__}: {exc}"[:500],
+                "",
+            )
+        return None, "", str(answer if answer is not None else "")
+
+    # ---- recovery and shutdown ----------------------------------------------------------
+
+    async def recover(self, instance_id: str | None = None) -> int:
+        """I8: end every run left open by a crash with ``agent_error{runtime_restarted}``."""
+        count = 0
+        for info in await self.store.open_runs(instance_id):
+            if info.run_id in self.active:
+                continue
+            events = await self.store.run_events(info.run_id)
+            lc = RunLifecycle.restore(
+                info.run_id, info.thread_id, info.agent, events, self.clock_us
+            )
+            if lc.ended:
+                continue
+            new: list[Event] = []
+            if lc.seq == 0:
+                new.append(lc.started(""))
+            new.extend(
+                lc.fail(
+                    ErrorCode.RUNTIME_RESTARTED,
+                    "the runtime restarted while this run was in progress",
+                )
+            )
+            for event in new:
+                await self._commit_and_publish(event, info.user_id)
+            self.metrics.runs_finished.labels(
+                agent=info.agent, outcome=RunOutcome.RUNTIME_RESTARTED
+            ).inc()
+            count += 1
+        if count:
+            log.warning("recovered %d run(s) left open: ended with runtime_restarted", count)
+        return count
+
+    async def drain(self, drain_s: float) -> int:
+        """Stop accepting; give running runs ``drain_s`` to finish, then end the rest with
+        ``runtime_restarted``. Returns how many were ended that way."""
+        self.accepting = False
+        tasks = [r.supervisor for r in self.active.values() if r.supervisor is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=drain_s)
+        left = list(self.active.values())
+        for run in left:
+            self.cancel(run.info.run_id, ErrorCode.RUNTIME_RESTARTED)
+        tasks = [r.supervisor for r in left if r.supervisor is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        return len(left)
+
+
+_STOP_MESSAGES = {
+    ErrorCode.CANCELLED: "the run was cancelled",
+    ErrorCode.TIMEOUT: "the run timed out",
+    ErrorCode.RUNTIME_RESTARTED: "the runtime is restarting",
+    ErrorCode.INTERNAL: "internal error",
+    ErrorCode.AGENT_FAILED: "the agent failed",
+}

@@ -1,0 +1,393 @@
+"""Live connections per user, fan-out of committed events, and per-connection send queues.
+
+The hub only ever sees events the audit store has committed (I6). It writes them to the owner's
+connections only (I7): every lookup is by the run's owner, never by anything the client says.
+
+Each :class:`Connection` has a bounded send queue, measured in bytes, drained by one sender task:
+a client that stops reading fills its queue and is closed with ``4008`` instead of holding
+memory or slowing anyone else down; it reconnects and resumes from the store.
+
+The hub also keeps, per run, what it needs to count each event's first acknowledgement once
+(``runwatch_events_acked_total``, ``runwatch_event_delivery_seconds``) and the events sent but
+never acknowledged when connections close (``runwatch_event_delivery_failures_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .events import Event, Receipt
+from .metrics import RuntimeMetrics
+from .protocol import CloseCode, dumps
+from .store.recorder import AckUpdate
+from .store.writer import AuditWriter
+
+__all__ = ["Connection", "FailureReason", "Hub", "Transport"]
+
+log = logging.getLogger("runwatch.hub")
+
+
+def wall_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Transport(Protocol):
+    """What the hub needs of a socket."""
+
+    async def send_text(self, text: str) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class FailureReason:
+    """``runwatch_event_delivery_failures_total{reason}`` values, by close code."""
+
+    DISCONNECTED = "disconnected"
+    SLOW_CONSUMER = "slow_consumer"
+    SERVER_RESTART = "server_restart"
+    TOKEN_EXPIRED = "token_expired"
+    PROTOCOL_VIOLATION = "protocol_violation"
+    ERROR = "error"
+
+    @staticmethod
+    def of(code: int) -> str:
+        reasons: dict[int, str] = {
+            CloseCode.SLOW_CONSUMER: FailureReason.SLOW_CONSUMER,
+            CloseCode.SERVER_RESTARTING: FailureReason.SERVER_RESTART,
+            CloseCode.UNAUTHORIZED: FailureReason.TOKEN_EXPIRED,
+            CloseCode.PROTOCOL_VIOLATION: FailureReason.PROTOCOL_VIOLATION,
+            CloseCode.INTERNAL_ERROR: FailureReason.ERROR,
+        }
+        return reasons.get(code, FailureReason.DISCONNECTED)
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    text: str
+    event: Event | None = None
+    live: bool = False
+    replayed: bool = False
+
+
+@dataclass
+class _RunTrack:
+    """What the hub remembers of one run to count first acks and delivery failures."""
+
+    owner: str
+    types: dict[int, str] = field(default_factory=dict)
+    ts_us: dict[int, int] = field(default_factory=dict)
+    live: dict[int, bool] = field(default_factory=dict)
+    acked_upto: int = 0
+    failed_upto: int = 0
+    last_seq: int = 0
+    ended: bool = False
+    touched: float = field(default_factory=time.monotonic)
+
+
+class Connection:
+    """One authenticated socket of one user."""
+
+    def __init__(
+        self,
+        connection_id: str,
+        user_id: str,
+        transport: Transport,
+        hub: Hub,
+        *,
+        max_queue_bytes: int,
+    ) -> None:
+        self.id = connection_id
+        self.user_id = user_id
+        self.transport = transport
+        self.hub = hub
+        self.max_queue_bytes = max_queue_bytes
+        self.queued_bytes = 0
+        self.subscribed: set[str] = set()
+        self.resuming: dict[str, list[Event]] = {}
+        self.sent: dict[str, int] = {}
+        self.acked: dict[str, int] = {}
+        self.closed = False
+        self.close_code: int | None = None
+        self._queue: deque[_Outgoing] = deque()
+        self._wakeup = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._emptied = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sender = asyncio.create_task(self._send_loop(), name=f"runwatch-send-{self.id}")
+
+    # ---- enqueueing ---------------------------------------------------------------------
+
+    def send_frame(self, frame: dict[str, Any]) -> None:
+        self._enqueue(_Outgoing(dumps(frame)))
+
+    def send_event(self, event: Event, *, live: bool, replayed: bool = False) -> None:
+        self._enqueue(_Outgoing(event.to_json(), event, live, replayed))
+
+    def _enqueue(self, item: _Outgoing) -> None:
+        if self.closed:
+            return
+        size = len(item.text)
+        if self.queued_bytes + size > self.max_queue_bytes and self._queue:
+            # The client is not reading: close it rather than buffer without bound.
+            self.close(CloseCode.SLOW_CONSUMER)
+            return
+        self.queued_bytes += size
+        self._queue.append(item)
+        self._wakeup.set()
+
+    async def _send_loop(self) -> None:
+        metrics = self.hub.metrics
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._queue:
+                    item = self._queue[0]
+                    await self.transport.send_text(item.text)
+                    self._queue.popleft()
+                    self.queued_bytes -= len(item.text)
+                    if self.queued_bytes <= self.max_queue_bytes // 2:
+                        self._writable.set()
+                    if item.event is not None:
+                        self._after_send(item, metrics)
+                self._emptied.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the socket went away under us
+            log.debug("send to %s failed: %r", self.id, exc)
+            self.close(CloseCode.GOING_AWAY, send=False)
+
+    def _after_send(self, item: _Outgoing, metrics: RuntimeMetrics) -> None:
+        event = item.event
+        assert event is not None
+        now = wall_us()
+        metrics.events_sent.labels(type=event.type.value).inc()
+        if item.replayed:
+            metrics.replayed_events.inc()
+        elif item.live:
+            metrics.send_seconds.observe(max(0, now - event.ts_us) / 1e6)
+        if event.seq > self.sent.get(event.run_id, 0):
+            self.sent[event.run_id] = event.seq
+        self.hub.writer.record_receipt(
+            Receipt(
+                event_id=event.event_id,
+                run_id=event.run_id,
+                seq=event.seq,
+                connection_id=self.id,
+                user_id=self.user_id,
+                sent_us=now,
+                replayed=item.replayed,
+            )
+        )
+
+    # ---- closing ------------------------------------------------------------------------
+
+    def close(self, code: int, *, send: bool = True) -> None:
+        """Close the connection (idempotent); the socket close happens in the background."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        self._queue.clear()
+        self.queued_bytes = 0
+        self._writable.set()
+        self._emptied.set()
+        if self._sender is not None and self._sender is not asyncio.current_task():
+            self._sender.cancel()
+        if send:
+            self._closing = asyncio.create_task(self._close_transport(code))
+
+    async def _close_transport(self, code: int) -> None:
+        reason = _reason(code)
+        with contextlib.suppress(Exception):
+            await self.transport.close(code, reason)
+
+    async def wait_writable(self) -> None:
+        """Wait until the send queue is at most half full (or the connection closed)."""
+        while not self.closed and self.queued_bytes > self.max_queue_bytes // 2:
+            self._writable.clear()
+            await self._writable.wait()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (bounded) until the send queue is empty: used before a graceful close."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._queue and not self.closed:
+                    self._emptied.clear()
+                    await self._emptied.wait()
+
+    async def wait_closed(self) -> None:
+        if self._sender is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sender
+        if self._closing is not None:
+            with contextlib.suppress(Exception):
+                await self._closing
+
+
+def _reason(code: int) -> str:
+    from .protocol import CLOSE_REASONS
+
+    try:
+        return CLOSE_REASONS[CloseCode(code)]
+    except ValueError:
+        return ""
+
+
+class Hub:
+    """The connections of every user on this runtime instance."""
+
+    def __init__(
+        self,
+        metrics: RuntimeMetrics,
+        writer: AuditWriter,
+        *,
+        max_connections_per_user: int = 10,
+        max_queue_bytes: int = 1_048_576,
+        track_ttl_s: float = 600.0,
+    ) -> None:
+        self.metrics = metrics
+        self.writer = writer
+        self.max_connections_per_user = max_connections_per_user
+        self.max_queue_bytes = max_queue_bytes
+        self.track_ttl_s = track_ttl_s
+        self._by_user: dict[str, set[Connection]] = {}
+        self._tracks: dict[str, _RunTrack] = {}
+        self.settle_lookup: Callable[[str, int], Awaitable[None]] | None = None
+
+    # ---- connections --------------------------------------------------------------------
+
+    def connections(self, user_id: str) -> set[Connection]:
+        return self._by_user.get(user_id, set())
+
+    def all_connections(self) -> list[Connection]:
+        return [c for conns in self._by_user.values() for c in conns]
+
+    def open(self, connection_id: str, user_id: str, transport: Transport) -> Connection | None:
+        """Register a new connection; None when the user is at the connection limit."""
+        conns = self._by_user.setdefault(user_id, set())
+        if len(conns) >= self.max_connections_per_user:
+            if not conns:
+                del self._by_user[user_id]
+            return None
+        conn = Connection(
+            connection_id, user_id, transport, self, max_queue_bytes=self.max_queue_bytes
+        )
+        conns.add(conn)
+        self.metrics.connections_open.inc()
+        conn.start()
+        return conn
+
+    def remove(self, conn: Connection, code: int) -> None:
+        """Forget a closed connection; counts what it was sent and nobody acknowledged."""
+        conns = self._by_user.get(conn.user_id)
+        if conns is None or conn not in conns:
+            return
+        conns.discard(conn)
+        if not conns:
+            del self._by_user[conn.user_id]
+        self.metrics.connections_open.dec()
+        self.metrics.disconnects.labels(code=str(code)).inc()
+        reason = FailureReason.of(code)
+        for run_id, sent in conn.sent.items():
+            track = self._tracks.get(run_id)
+            if track is None:
+                continue
+            # Another owner connection that still has the run may yet ack these events.
+            if any(run_id in other.subscribed for other in self.connections(conn.user_id)):
+                continue
+            lo = max(track.acked_upto, track.failed_upto, conn.acked.get(run_id, 0))
+            failed = sum(1 for s in range(lo + 1, sent + 1) if track.live.get(s))
+            if failed:
+                self.metrics.delivery_failures.labels(reason=reason).inc(failed)
+            track.failed_upto = max(track.failed_upto, sent)
+
+    # ---- fan-out ------------------------------------------------------------------------
+
+    def is_watched(self, run_id: str, user_id: str) -> bool:
+        """True when an owner connection is subscribed to (or resuming) the run: an event
+        emitted now is sent live and counts in the delivery SLI."""
+        return any(
+            run_id in c.subscribed or run_id in c.resuming for c in self.connections(user_id)
+        )
+
+    def run_started(self, run_id: str, user_id: str) -> None:
+        """Every open connection of the owner gets the new run live (every tab)."""
+        for conn in self.connections(user_id):
+            conn.subscribed.add(run_id)
+        self._tracks[run_id] = _RunTrack(owner=user_id)
+
+    def publish(self, event: Event, user_id: str, live: bool) -> None:
+        """Hand a committed event to the owner's connections (I7: only the owner's)."""
+        track = self._tracks.get(event.run_id)
+        if track is not None:
+            track.types[event.seq] = event.type.value
+            track.ts_us[event.seq] = event.ts_us
+            track.live[event.seq] = live
+            track.last_seq = max(track.last_seq, event.seq)
+            track.ended = track.ended or event.is_terminal
+            track.touched = time.monotonic()
+        for conn in self.connections(user_id):
+            buffer = conn.resuming.get(event.run_id)
+            if buffer is not None:
+                buffer.append(event)
+            elif event.run_id in conn.subscribed:
+                conn.send_event(event, live=live)
+                if event.is_terminal:
+                    conn.subscribed.discard(event.run_id)
+
+    # ---- acknowledgements ---------------------------------------------------------------
+
+    async def ack(self, conn: Connection, run_id: str, seq: int) -> None:
+        """A cumulative ack, clamped to what this connection was sent."""
+        seq = min(seq, conn.sent.get(run_id, 0))
+        if seq <= conn.acked.get(run_id, 0):
+            return
+        conn.acked[run_id] = seq
+        now = wall_us()
+        self.writer.record_ack(AckUpdate(conn.id, run_id, seq, now))
+        track = self._tracks.get(run_id)
+        if track is None:
+            # A run from before a restart or from another replica: no live counts here.
+            if self.settle_lookup is not None:
+                await self.settle_lookup(run_id, seq)
+            return
+        if seq > track.acked_upto:
+            for s in range(track.acked_upto + 1, seq + 1):
+                if track.live.get(s) and s > track.failed_upto:
+                    kind = track.types[s]
+                    self.metrics.events_acked.labels(type=kind).inc()
+                    self.metrics.delivery_seconds.labels(type=kind).observe(
+                        max(0, now - track.ts_us[s]) / 1e6
+                    )
+            track.acked_upto = seq
+            track.touched = time.monotonic()
+        if track.ended and seq >= track.last_seq:
+            self.writer.settle(run_id, now)
+            del self._tracks[run_id]
+
+    def sweep(self) -> None:
+        """Forget ended runs nobody acknowledged for ``track_ttl_s`` (bounded memory)."""
+        cutoff = time.monotonic() - self.track_ttl_s
+        for run_id in [r for r, t in self._tracks.items() if t.ended and t.touched < cutoff]:
+            del self._tracks[run_id]
+
+    def tracked_runs(self) -> int:
+        return len(self._tracks)
+
+    async def close_all(self, code: int, drain_s: float = 2.0) -> None:
+        conns = self.all_connections()
+        await asyncio.gather(*(c.drain(drain_s) for c in conns), return_exceptions=True)
+        for conn in conns:
+            conn.close(code)
+        await asyncio.gather(*(c.wait_closed() for c in conns), return_exceptions=True)

@@ -1,0 +1,216 @@
+"""The FastAPI app: ``/ws``, the chat page, ``/metrics``, dev tokens, startup recovery.
+
+:class:`Runtime` holds one world: settings, metrics registry, audit store and writer, hub,
+engine. :func:`create_app` builds the ASGI app around it; the monitor mounts itself on the same
+app under ``runwatch serve``. Nothing is a module-level singleton, so a test builds its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import FastAPI, HTTPException, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from . import __version__
+from .agents import AgentRegistry
+from .auth import AuthError, TokenAuthority, valid_user_id
+from .config import Settings
+from .engine import Engine, EngineConfig
+from .hub import Hub
+from .metrics import RuntimeMetrics
+from .protocol import CloseCode
+from .ratelimit import TokenBuckets
+from .session import serve_socket
+from .store.recorder import AuditStore
+from .store.writer import AuditWriter
+from .tools import ToolRegistry, builtin_tools
+
+__all__ = ["Broker", "Runtime", "create_app", "is_loopback"]
+
+log = logging.getLogger("runwatch.server")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+class Broker(Protocol):
+    """Cross-replica fan-out of cancels (and events) through Redis."""
+
+    async def cancel(self, run_id: str) -> None: ...
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Runtime:
+    """One runtime instance's world, built from settings with everything injectable."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        agents: AgentRegistry | None = None,
+        tools: ToolRegistry | None = None,
+        store: AuditStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = RuntimeMetrics(self.registry, version=__version__)
+        self.tokens = TokenAuthority(settings.jwt_secret, leeway_s=settings.jwt_leeway_s)
+        self.store = store if store is not None else AuditStore.open(settings.database_url)
+        self.writer = AuditWriter(self.store, self.metrics)
+        self.hub = Hub(
+            self.metrics,
+            self.writer,
+            max_connections_per_user=settings.max_connections_per_user,
+            max_queue_bytes=settings.send_queue_bytes,
+        )
+        self.hub.settle_lookup = self._settle_lookup
+        self.engine = Engine(
+            self.store,
+            self.writer,
+            self.hub,
+            self.metrics,
+            agents if agents is not None else AgentRegistry.with_builtins(),
+            tools if tools is not None else builtin_tools(),
+            EngineConfig(
+                run_timeout_s=settings.run_timeout_s,
+                tool_timeout_s=settings.tool_timeout_s,
+                instance_id=settings.instance_id,
+            ),
+        )
+        self.chat_rate = TokenBuckets(settings.chat_burst, settings.chat_refill_per_s)
+        self.broker: Broker | None = None
+        self.accepting = True
+        self.recovered = 0
+        self._background: list[asyncio.Task[Any]] = []
+        self._stopped = False
+        self.on_start: list[Callable[[], Awaitable[None]]] = []
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    async def _settle_lookup(self, run_id: str, seq: int) -> None:
+        run = await self.store.get_run(run_id)
+        if (
+            run is not None
+            and run.last_seq is not None
+            and seq >= run.last_seq
+            and run.settled_us is None
+        ):
+            self.writer.settle(run_id, time.time_ns() // 1000)
+
+    async def start(self) -> None:
+        self.writer.start()
+        self.recovered = await self.engine.recover(self.settings.instance_id)
+        self._background.append(asyncio.create_task(self._sweeper(), name="runwatch-sweeper"))
+        for hook in self.on_start:
+            await hook()
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            self.hub.sweep()
+
+    async def shutdown(self, drain_s: float | None = None) -> None:
+        """Graceful stop (SPEC section 9): stop accepting, let runs finish for ``drain_s``, end
+        the rest with ``runtime_restarted``, flush the store, close sockets with 1012."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.accepting = False
+        drain = self.settings.drain_s if drain_s is None else drain_s
+        ended = await self.engine.drain(drain)
+        if ended:
+            log.warning("shutdown: ended %d run(s) with runtime_restarted", ended)
+        await self.writer.flush(timeout=30)
+        await self.hub.close_all(CloseCode.SERVER_RESTARTING)
+        for hook in self.on_stop:
+            with contextlib.suppress(Exception):
+                await hook()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.writer.close()
+        await self.store.close()
+
+
+def create_app(rt: Runtime) -> FastAPI:
+    """The ASGI app for one :class:`Runtime`."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await rt.start()
+        try:
+            yield
+        finally:
+            await rt.shutdown()
+
+    app = FastAPI(
+        title="runwatch",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
+    app.state.runtime = rt
+
+    @app.websocket("/ws")
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        await serve_socket(websocket, rt)
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(rt.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> JSONResponse:
+        try:
+            await rt.store.ping()
+        except Exception:
+            return JSONResponse({"status": "degraded", "store": "unavailable"}, status_code=503)
+        status = "ok" if rt.accepting else "draining"
+        return JSONResponse(
+            {"status": status, "version": __version__}, status_code=200 if rt.accepting else 503
+        )
+
+    @app.post("/dev/token", include_in_schema=False)
+    async def dev_token(request: Request) -> JSONResponse:
+        if not rt.settings.dev_mode:
+            raise HTTPException(status_code=404)
+        user = "dev"
+        with contextlib.suppress(Exception):
+            body = await request.json()
+            if isinstance(body, dict) and isinstance(body.get("user"), str) and body["user"]:
+                user = body["user"]
+        if not valid_user_id(user):
+            raise HTTPException(status_code=400, detail="invalid user name")
+        try:
+            token = rt.tokens.mint(user, ttl_s=3600)
+        except AuthError as exc:
+            raise HTTPException(status_code=400, detail=exc.reason) from None
+        return JSONResponse({"token": token, "user_id": user, "expires_in": 3600})
+
+    return app

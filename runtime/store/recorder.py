@@ -1,0 +1,512 @@
+"""The audit store: one implementation over SQLAlchemy 2 async, for SQLite and PostgreSQL.
+
+Everything the runtime and the monitor read or write goes through :class:`AuditStore`.
+Writes arrive grouped in a :class:`Batch` (see ``writer.py``: one transaction per group commit).
+Driver errors are translated at this boundary into :class:`StoreError` subclasses.
+
+Exceptions::
+
+    StoreError
+     +-- StoreUnavailable   the database cannot be reached or refused the write
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, delete, event, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ..events import Event, EventType, Receipt
+from .models import ConnectionRow, DeliveryRow, EventRow, RunRow, ThreadRow
+
+__all__ = [
+    "AckUpdate",
+    "AuditStore",
+    "Batch",
+    "ConnectionClose",
+    "ConnectionOpen",
+    "RunInfo",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredEvent",
+]
+
+
+class StoreError(Exception):
+    """A failure of the audit store."""
+
+    def __init__(self, message: str, *, reason: str = "error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.args[0]}"
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached, is locked, full, or refused the write."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    run_id: str
+    user_id: str
+    thread_id: str
+    agent: str
+    client_msg_id: str
+    instance_id: str
+    created_us: int
+    timeout_s: float = 300.0
+    ended_us: int | None = None
+    outcome: str | None = None
+    last_seq: int | None = None
+    settled_us: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "user_id": self.user_id,
+            "thread_id": self.thread_id,
+            "agent": self.agent,
+            "client_msg_id": self.client_msg_id,
+            "instance_id": self.instance_id,
+            "created_us": self.created_us,
+            "timeout_s": self.timeout_s,
+            "ended_us": self.ended_us,
+            "outcome": self.outcome,
+            "last_seq": self.last_seq,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as the store holds it: with its position, commit time and live flag."""
+
+    event: Event
+    position: int
+    committed_us: int
+    live: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AckUpdate:
+    connection_id: str
+    run_id: str
+    seq: int
+    acked_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOpen:
+    connection_id: str
+    user_id: str
+    instance_id: str
+    client: str | None
+    opened_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClose:
+    connection_id: str
+    closed_us: int
+    close_code: int
+
+
+@dataclass
+class Batch:
+    """What one group commit writes, in one transaction."""
+
+    events: list[tuple[Event, bool]] = field(default_factory=list)
+    receipts: list[Receipt] = field(default_factory=list)
+    acks: list[AckUpdate] = field(default_factory=list)
+    settles: list[tuple[str, int]] = field(default_factory=list)
+    opened: list[ConnectionOpen] = field(default_factory=list)
+    closed: list[ConnectionClose] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return (
+            len(self.events)
+            + len(self.receipts)
+            + len(self.acks)
+            + len(self.settles)
+            + len(self.opened)
+            + len(self.closed)
+        )
+
+
+def _run_info(row: Any) -> RunInfo:
+    return RunInfo(
+        run_id=row.run_id,
+        user_id=row.user_id,
+        thread_id=row.thread_id,
+        agent=row.agent,
+        client_msg_id=row.client_msg_id,
+        instance_id=row.instance_id,
+        created_us=row.created_us,
+        timeout_s=row.timeout_s,
+        ended_us=row.ended_us,
+        outcome=row.outcome,
+        last_seq=row.last_seq,
+        settled_us=row.settled_us,
+    )
+
+
+def _event(row: Any) -> Event:
+    return Event(
+        type=EventType(row.type),
+        event_id=row.event_id,
+        run_id=row.run_id,
+        thread_id=row.thread_id,
+        seq=row.seq,
+        ts_us=row.ts_us,
+        agent=row.agent,
+        data=row.data,
+    )
+
+
+def _stored(row: Any) -> StoredEvent:
+    return StoredEvent(_event(row), row.position, row.committed_us, bool(row.live))
+
+
+def _receipt(row: Any) -> Receipt:
+    return Receipt(
+        event_id=row.event_id,
+        run_id=row.run_id,
+        seq=row.seq,
+        connection_id=row.connection_id,
+        user_id=row.user_id,
+        sent_us=row.sent_us,
+        acked_us=row.acked_us,
+        replayed=bool(row.replayed),
+    )
+
+
+def _outcome_of(event: Event) -> str:
+    if event.type == EventType.AGENT_COMPLETED:
+        return "completed"
+    code = str(event.data.get("code", "internal"))
+    return {"cancelled": "cancelled", "timeout": "timeout"}.get(
+        code, "runtime_restarted" if code == "runtime_restarted" else "error"
+    )
+
+
+def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An async engine; SQLite gets WAL, ``synchronous=NORMAL`` and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_async_engine(url, pool_pre_ping=True, **kwargs)
+
+
+class AuditStore:
+    """Reads and writes of the audit store. Build with :meth:`open`; close with :meth:`close`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+
+    @classmethod
+    def open(cls, url: str) -> AuditStore:
+        return cls(make_engine(url))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except IntegrityError:
+            raise
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise StoreUnavailable(str(exc).splitlines()[0], reason="unavailable") from exc
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.connect() as conn:
+                yield conn
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise StoreUnavailable(str(exc).splitlines()[0], reason="unavailable") from exc
+
+    async def ping(self) -> None:
+        async with self._read() as conn:
+            await conn.execute(select(1))
+
+    # ---- runs and threads -------------------------------------------------------------
+
+    async def thread_owner(self, thread_id: str) -> str | None:
+        async with self._read() as conn:
+            row = await conn.execute(
+                select(ThreadRow.user_id).where(ThreadRow.thread_id == thread_id)
+            )
+            return row.scalar_one_or_none()
+
+    async def find_run_by_msg(self, user_id: str, client_msg_id: str) -> RunInfo | None:
+        async with self._read() as conn:
+            res = await conn.execute(
+                select(RunRow).where(
+                    RunRow.user_id == user_id, RunRow.client_msg_id == client_msg_id
+                )
+            )
+            row = res.first()
+            return _run_info(row) if row else None
+
+    async def create_run(self, run: RunInfo, *, new_thread: bool) -> tuple[RunInfo, bool]:
+        """Insert a run (and its thread when new). Returns ``(run, duplicate)``: when the user
+        already used ``client_msg_id``, the original run and ``True``, and nothing is written."""
+        try:
+            async with self._tx() as conn:
+                if new_thread:
+                    await conn.execute(
+                        insert(ThreadRow).values(
+                            thread_id=run.thread_id, user_id=run.user_id, created_us=run.created_us
+                        )
+                    )
+                await conn.execute(
+                    insert(RunRow).values(
+                        run_id=run.run_id,
+                        user_id=run.user_id,
+                        thread_id=run.thread_id,
+                        agent=run.agent,
+                        client_msg_id=run.client_msg_id,
+                        instance_id=run.instance_id,
+                        created_us=run.created_us,
+                        timeout_s=run.timeout_s,
+                    )
+                )
+        except IntegrityError:
+            existing = await self.find_run_by_msg(run.user_id, run.client_msg_id)
+            if existing is None:
+                raise StoreError(f"cannot create run {run.run_id}", reason="conflict") from None
+            return existing, True
+        return run, False
+
+    async def get_run(self, run_id: str) -> RunInfo | None:
+        async with self._read() as conn:
+            res = await conn.execute(select(RunRow).where(RunRow.run_id == run_id))
+            row = res.first()
+            return _run_info(row) if row else None
+
+    async def open_runs(self, instance_id: str | None = None) -> list[RunInfo]:
+        """Runs with no terminal event, oldest first (optionally of one runtime instance)."""
+        query = select(RunRow).where(RunRow.ended_us.is_(None))
+        if instance_id is not None:
+            query = query.where(RunRow.instance_id == instance_id)
+        async with self._read() as conn:
+            res = await conn.execute(query.order_by(RunRow.created_us))
+            return [_run_info(r) for r in res]
+
+    async def active_runs(self, user_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The owner's runs not ended, or ended but with the terminal event unacked."""
+        async with self._read() as conn:
+            res = await conn.execute(
+                select(RunRow.run_id, RunRow.last_seq, RunRow.ended_us)
+                .where(RunRow.user_id == user_id, RunRow.settled_us.is_(None))
+                .order_by(RunRow.created_us.desc(), RunRow.run_id.desc())
+                .limit(limit)
+            )
+            rows = res.all()
+            open_ids = [r.run_id for r in rows if r.ended_us is None]
+            seqs: dict[str, int] = {}
+            if open_ids:
+                res2 = await conn.execute(
+                    select(EventRow.run_id, func.max(EventRow.seq))
+                    .where(EventRow.run_id.in_(open_ids))
+                    .group_by(EventRow.run_id)
+                )
+                seqs = {run_id: int(seq) for run_id, seq in res2.all()}
+        return [
+            {
+                "run_id": r.run_id,
+                "last_seq": r.last_seq if r.ended_us is not None else seqs.get(r.run_id, 0),
+            }
+            for r in rows
+        ]
+
+    # ---- events and receipts ----------------------------------------------------------
+
+    async def run_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
+        async with self._read() as conn:
+            res = await conn.execute(
+                select(EventRow)
+                .where(EventRow.run_id == run_id, EventRow.seq > after_seq)
+                .order_by(EventRow.seq, EventRow.position)
+            )
+            return [_event(r) for r in res]
+
+    async def stored_events(self, run_id: str) -> list[StoredEvent]:
+        """A run's events in store order (position), with commit times and live flags."""
+        async with self._read() as conn:
+            res = await conn.execute(
+                select(EventRow).where(EventRow.run_id == run_id).order_by(EventRow.position)
+            )
+            return [_stored(r) for r in res]
+
+    async def events_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
+        """Events past ``position`` in store order: how a consumer follows the store."""
+        async with self._read() as conn:
+            res = await conn.execute(
+                select(EventRow)
+                .where(EventRow.position > position)
+                .order_by(EventRow.position)
+                .limit(limit)
+            )
+            return [_stored(r) for r in res]
+
+    async def receipts(self, run_id: str) -> list[Receipt]:
+        async with self._read() as conn:
+            res = await conn.execute(
+                select(DeliveryRow)
+                .where(DeliveryRow.run_id == run_id)
+                .order_by(DeliveryRow.seq, DeliveryRow.id)
+            )
+            return [_receipt(r) for r in res]
+
+    async def write(self, batch: Batch, committed_us: int) -> None:
+        """Write one group commit in one transaction."""
+        async with self._tx() as conn:
+            await self._write(conn, batch, committed_us)
+
+    async def _write(self, conn: AsyncConnection, batch: Batch, committed_us: int) -> None:
+        if batch.opened:
+            stmt = self._insert(ConnectionRow).on_conflict_do_nothing(
+                index_elements=["connection_id"]
+            )
+            await conn.execute(
+                stmt,
+                [
+                    {
+                        "connection_id": c.connection_id,
+                        "user_id": c.user_id,
+                        "instance_id": c.instance_id,
+                        "client": c.client,
+                        "opened_us": c.opened_us,
+                    }
+                    for c in batch.opened
+                ],
+            )
+        if batch.events:
+            # Idempotent by event_id, so a journal drained twice writes each event once.
+            stmt = self._insert(EventRow).on_conflict_do_nothing(index_elements=["event_id"])
+            await conn.execute(
+                stmt,
+                [
+                    {
+                        "event_id": e.event_id,
+                        "run_id": e.run_id,
+                        "seq": e.seq,
+                        "type": e.type.value,
+                        "thread_id": e.thread_id,
+                        "agent": e.agent,
+                        "ts_us": e.ts_us,
+                        "committed_us": committed_us,
+                        "live": live,
+                        "data": e.data,
+                    }
+                    for e, live in batch.events
+                ],
+            )
+            for e, _live in batch.events:
+                if e.is_terminal:
+                    await conn.execute(
+                        update(RunRow)
+                        .where(RunRow.run_id == e.run_id, RunRow.ended_us.is_(None))
+                        .values(ended_us=e.ts_us, outcome=_outcome_of(e), last_seq=e.seq)
+                    )
+        if batch.receipts:
+            await conn.execute(
+                insert(DeliveryRow),
+                [
+                    {
+                        "event_id": r.event_id,
+                        "run_id": r.run_id,
+                        "seq": r.seq,
+                        "connection_id": r.connection_id,
+                        "user_id": r.user_id,
+                        "sent_us": r.sent_us,
+                        "acked_us": r.acked_us,
+                        "replayed": r.replayed,
+                    }
+                    for r in batch.receipts
+                ],
+            )
+        for ack in batch.acks:
+            await conn.execute(
+                update(DeliveryRow)
+                .where(
+                    DeliveryRow.connection_id == ack.connection_id,
+                    DeliveryRow.run_id == ack.run_id,
+                    DeliveryRow.seq <= ack.seq,
+                    DeliveryRow.acked_us.is_(None),
+                )
+                .values(acked_us=ack.acked_us)
+            )
+        for run_id, settled_us in batch.settles:
+            await conn.execute(
+                update(RunRow)
+                .where(RunRow.run_id == run_id, RunRow.settled_us.is_(None))
+                .values(settled_us=settled_us)
+            )
+        for c in batch.closed:
+            await conn.execute(
+                update(ConnectionRow)
+                .where(ConnectionRow.connection_id == c.connection_id)
+                .values(closed_us=c.closed_us, close_code=c.close_code)
+            )
+
+    # ---- retention ----------------------------------------------------------------------
+
+    async def purge(self, before_us: int) -> dict[str, int]:
+        """Delete ended runs created before ``before_us`` with their events and receipts."""
+        async with self._tx() as conn:
+            res = await conn.execute(
+                select(RunRow.run_id).where(
+                    and_(RunRow.created_us < before_us, RunRow.ended_us.is_not(None))
+                )
+            )
+            run_ids = [r[0] for r in res]
+            counts = {"runs": 0, "events": 0, "deliveries": 0}
+            for chunk in _chunks(run_ids, 500):
+                d = await conn.execute(delete(DeliveryRow).where(DeliveryRow.run_id.in_(chunk)))
+                e = await conn.execute(delete(EventRow).where(EventRow.run_id.in_(chunk)))
+                r = await conn.execute(delete(RunRow).where(RunRow.run_id.in_(chunk)))
+                counts["deliveries"] += d.rowcount or 0
+                counts["events"] += e.rowcount or 0
+                counts["runs"] += r.rowcount or 0
+            await conn.execute(
+                delete(ThreadRow).where(
+                    ThreadRow.created_us < before_us,
+                    ~select(RunRow.run_id).where(RunRow.thread_id == ThreadRow.thread_id).exists(),
+                )
+            )
+            await conn.execute(
+                delete(ConnectionRow).where(
+                    ConnectionRow.closed_us.is_not(None), ConnectionRow.closed_us < before_us
+                )
+            )
+            return counts
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,249 @@
+"""The built-in tools of the ``demo`` agent: real work, deterministic, offline."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import math
+import operator
+import re
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import Tool
+
+__all__ = [
+    "CalculatorError",
+    "calculator_tool",
+    "clock_tool",
+    "docs_search_tool",
+    "evaluate",
+    "fail_tool",
+    "wait_tool",
+]
+
+
+class CalculatorError(ValueError):
+    """The expression is not arithmetic the calculator accepts."""
+
+
+_BINARY: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCS: dict[str, Callable[..., Any]] = {
+    "sqrt": math.sqrt,
+    "abs": abs,
+    "round": round,
+    "min": min,
+    "max": max,
+}
+_CONSTS = {"pi": math.pi, "e": math.e}
+MAX_EXPRESSION = 200
+MAX_MAGNITUDE = 10**100
+
+
+def evaluate(expression: str) -> int | float:
+    """Evaluate arithmetic safely: numbers, + - * / // % ** (``^`` too), parentheses, and a few
+    functions. Never ``eval``: the expression is parsed to an AST and only those nodes run."""
+    text = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/")
+    if not text:
+        raise CalculatorError("empty expression")
+    if len(text) > MAX_EXPRESSION:
+        raise CalculatorError(f"expression longer than {MAX_EXPRESSION} characters")
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as exc:
+        raise CalculatorError(f"not an arithmetic expression: {expression!r}") from exc
+    return _eval(tree.body)
+
+
+def _check(value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CalculatorError("only numbers are allowed")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CalculatorError("result is not finite")
+    if abs(value) > MAX_MAGNITUDE:
+        raise CalculatorError("result is too large")
+    return value
+
+
+def _eval(node: ast.AST) -> int | float:
+    if isinstance(node, ast.Constant):
+        return _check(node.value)
+    if isinstance(node, ast.Name) and node.id in _CONSTS:
+        return _CONSTS[node.id]
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _check(_UNARY[type(node.op)](_eval(node.operand)))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, ast.Pow) and (abs(right) > 1000 or abs(left) > 10**6):
+            raise CalculatorError("exponent too large")
+        try:
+            return _check(_BINARY[type(node.op)](left, right))
+        except ZeroDivisionError as exc:
+            raise CalculatorError("division by zero") from exc
+        except OverflowError as exc:
+            raise CalculatorError("result is too large") from exc
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _FUNCS
+        and not node.keywords
+        and len(node.args) <= 5
+    ):
+        args = [_eval(a) for a in node.args]
+        try:
+            return _check(_FUNCS[node.func.id](*args))
+        except (ValueError, TypeError) as exc:
+            raise CalculatorError(f"{node.func.id}: {exc}") from exc
+    raise CalculatorError(f"unsupported element: {type(node).__name__}")
+
+
+def _calculate(expression: str) -> dict[str, Any]:
+    value = evaluate(expression)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)
+    elif isinstance(value, float):
+        value = round(value, 10)
+    return {"expression": expression, "value": value}
+
+
+def calculator_tool() -> Tool:
+    return Tool(
+        name="calculator",
+        description="Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",
+        func=_calculate,
+        parameters={
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+            "additionalProperties": False,
+        },
+        timeout_s=5,
+    )
+
+
+def _clock() -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return {
+        "utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": now.strftime("%A %d %B %Y"),
+        "time": now.strftime("%H:%M:%S UTC"),
+    }
+
+
+def clock_tool() -> Tool:
+    return Tool(
+        name="clock",
+        description="The current date and time in UTC.",
+        func=_clock,
+        parameters={"type": "object", "properties": {}, "additionalProperties": False},
+        timeout_s=5,
+    )
+
+
+MAX_WAIT_S = 60
+
+
+async def _wait(seconds: float) -> dict[str, Any]:
+    seconds = max(0.0, min(float(seconds), MAX_WAIT_S))
+    await asyncio.sleep(seconds)
+    return {"waited_s": seconds}
+
+
+def wait_tool() -> Tool:
+    return Tool(
+        name="wait",
+        description=f"Wait for a number of seconds (at most {MAX_WAIT_S}).",
+        func=_wait,
+        parameters={
+            "type": "object",
+            "properties": {"seconds": {"type": "number"}},
+            "required": ["seconds"],
+            "additionalProperties": False,
+        },
+        timeout_s=MAX_WAIT_S + 5,
+    )
+
+
+def _fail(reason: str = "this tool always fails") -> None:
+    raise RuntimeError(reason)
+
+
+def fail_tool() -> Tool:
+    return Tool(
+        name="fail",
+        description="Always raises: shows how a failing tool call looks.",
+        func=_fail,
+        parameters={"type": "object", "properties": {"reason": {"type": "string"}}},
+        timeout_s=5,
+    )
+
+
+_WORD = re.compile(r"[A-Za-z0-9_]{2,}")
+
+
+def _search_docs(paths: list[Path], query: str, limit: int = 5) -> dict[str, Any]:
+    terms = {w.lower() for w in _WORD.findall(query)}
+    if not terms:
+        return {"query": query, "hits": []}
+    hits: list[tuple[int, str, str, str]] = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        heading = path.name
+        for para in re.split(r"\n\s*\n", text):
+            stripped = para.strip()
+            if stripped.startswith("#"):
+                heading = stripped.splitlines()[0].lstrip("#").strip()
+            words = [w.lower() for w in _WORD.findall(stripped)]
+            score = sum(words.count(t) for t in terms)
+            if score:
+                snippet = " ".join(stripped.split())[:240]
+                hits.append((score, path.name, heading, snippet))
+    hits.sort(key=lambda h: (-h[0], h[1], h[2]))
+    return {
+        "query": query,
+        "hits": [
+            {"file": f, "section": s, "snippet": snip, "score": score}
+            for score, f, s, snip in hits[:limit]
+        ],
+    }
+
+
+def default_docs_paths() -> list[str]:
+    root = Path(__file__).resolve().parents[2]
+    found = sorted((root / "docs").glob("*.md")) if (root / "docs").is_dir() else []
+    readme = root / "README.md"
+    return [str(p) for p in ([readme] if readme.is_file() else []) + found]
+
+
+def docs_search_tool(paths: Iterable[str] = ()) -> Tool:
+    files = [Path(p) for p in (list(paths) or default_docs_paths())]
+
+    def docs_search(query: str) -> dict[str, Any]:
+        return _search_docs(files, query)
+
+    return Tool(
+        name="docs_search",
+        description="Search runwatch's own documentation.",
+        func=docs_search,
+        parameters={
+            "type": "object",
+            "properties": {"query": {"type": "string"}},
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+        timeout_s=10,
+    )
