@@ -48,7 +48,14 @@ class TokenAuthority:
 
     ALGORITHM = "HS256"
 
+    MIN_SECRET_BYTES = 32
+
     def __init__(self, secret: str | None, *, leeway_s: float = 30.0) -> None:
+        if secret is not None and len(secret.encode()) < self.MIN_SECRET_BYTES:
+            # RFC 7518 3.2: an HS256 key shorter than the hash is guessable.
+            raise ValueError(
+                f"RUNWATCH_JWT_SECRET must be at least {self.MIN_SECRET_BYTES} bytes long"
+            )
         #: In dev mode (no secret) a random per-process secret signs the dev tokens.
         self.secret = secret or secrets.token_urlsafe(32)
         self.leeway_s = leeway_s

@@ -1,0 +1,306 @@
+"""Shared fixtures: real servers on ephemeral ports, real SQLite and PostgreSQL stores.
+
+``RUNWATCH_REQUIRE_SERVICES=1`` (set by CI) turns every "service missing" skip into a failure.
+``RUNWATCH_TEST_TIMEOUT_SCALE`` multiplies every bounded wait in the suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from runtime.agents import AgentRegistry
+from runtime.auth import TokenAuthority
+from runtime.client import RunwatchClient
+from runtime.config import Settings
+from runtime.server import Runtime, create_app
+from runtime.store.migrate import upgrade
+from runtime.store.recorder import AuditStore
+
+JWT_SECRET = "test-secret-not-for-production-0123456789"
+PG_ADMIN_DSN = os.environ.get("RUNWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def scale() -> float:
+    return float(os.environ.get("RUNWATCH_TEST_TIMEOUT_SCALE", "1") or 1)
+
+
+def require_services() -> bool:
+    return os.environ.get("RUNWATCH_REQUIRE_SERVICES") == "1"
+
+
+def service_missing(reason: str) -> None:
+    """Skip on a laptop; fail under CI, where every service must be there."""
+    if require_services():
+        pytest.fail(f"required service missing: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    """Poll ``predicate`` (sync or async) until true, within ``timeout`` × the scale."""
+    deadline = time.monotonic() + timeout * scale()
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout * scale():.1f}s")
+        await asyncio.sleep(interval)
+
+
+# ---- databases ----------------------------------------------------------------------------
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+_pg_counter = itertools.count()
+
+
+def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated PostgreSQL template database for this test session."""
+    name = f"rwtpl_{os.getpid()}"
+    try:
+        _pg_admin(f"DROP DATABASE IF EXISTS {name}")
+        _pg_admin(f"CREATE DATABASE {name}")
+    except Exception as exc:
+        service_missing(f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {exc}")
+    upgrade(f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}")
+    yield name
+    _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for one test."""
+    name = f"rwt_{os.getpid()}_{next(_pg_counter)}"
+    _pg_admin(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
+    yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> str:
+    url = sqlite_url(tmp_path / "runwatch.db")
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each storage test runs against real SQLite and real PostgreSQL."""
+    if request.param == "sqlite":
+        url = sqlite_url(tmp_path / "runwatch.db")
+        upgrade(url)
+        return url
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[AuditStore]:
+    s = AuditStore.open(db_url)
+    yield s
+    await s.close()
+
+
+# ---- servers ------------------------------------------------------------------------------
+
+
+@dataclass
+class LiveServer:
+    """A runwatch runtime served by uvicorn on an ephemeral port, in this event loop."""
+
+    rt: Runtime
+    port: int
+    server: uvicorn.Server
+    clients: list[RunwatchClient] = field(default_factory=list)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def token(self, user: str, ttl_s: float = 3600) -> str:
+        return self.rt.tokens.mint(user, ttl_s=ttl_s)
+
+    async def client(self, user: str, **kwargs: Any) -> RunwatchClient:
+        c = RunwatchClient(self.ws_url, self.token(user), **kwargs)
+        await c.connect()
+        self.clients.append(c)
+        return c
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return float(self.rt.registry.get_sample_value(name, labels or {}) or 0.0)
+
+
+@asynccontextmanager
+async def serve_runtime(
+    settings: Settings, agents: AgentRegistry | None = None
+) -> AsyncIterator[LiveServer]:
+    await asyncio.to_thread(upgrade, settings.database_url)
+    rt = Runtime(settings, agents=agents)
+    app = create_app(rt)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        ws_max_size=1_048_576,
+        log_level="warning",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server._serve([sock]))
+    await wait_until(lambda: server.started or task.done(), 20)
+    if task.done():
+        task.result()
+    live = LiveServer(rt=rt, port=port, server=server)
+    try:
+        yield live
+    finally:
+        for c in live.clients:
+            await c.close()
+        await rt.shutdown(drain_s=0)
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+        sock.close()
+
+
+def make_settings(db: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": db,
+        "jwt_secret": JWT_SECRET,
+        "instance_id": "test",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[LiveServer]:
+    """A runtime on SQLite in ``tmp_path``."""
+    async with serve_runtime(make_settings(sqlite_url(tmp_path / "rw.db"))) as server:
+        yield server
+
+
+# ---- subprocess servers (crash tests, browser tests, Prometheus) ---------------------------
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server_process(
+    tmp_path: Path,
+    env_extra: dict[str, str],
+    *,
+    port: int | None = None,
+    command: str = "serve",
+    name: str = "server",
+) -> ServerProcess:
+    port = port or free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNWATCH_")}
+    env.update({"PYTHONUNBUFFERED": "1", "RUNWATCH_INSTANCE_ID": "test"})
+    env.update(env_extra)
+    log_path = tmp_path / f"{name}-{port}.log"
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "runtime.cli",
+                command,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    sp = ServerProcess(proc, port, log_path)
+    import httpx
+
+    deadline = time.monotonic() + 30 * scale()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{sp.log()}")
+        try:
+            if httpx.get(f"{sp.http_url}/healthz", timeout=1).status_code == 200:
+                return sp
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"server did not become healthy:\n{sp.log()}")
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(path):
+        service_missing("Debian chromium is not installed (/usr/bin/chromium)")
+    return path
+
+
+def make_token(user: str, secret: str = JWT_SECRET, ttl_s: float = 3600) -> str:
+    return TokenAuthority(secret).mint(user, ttl_s=ttl_s)
