@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -114,6 +115,9 @@ class Run:
         self._failure = exc
         await self._notify()
 
+    def _has_more(self, index: int) -> bool:
+        return len(self.events) > index or self._failure is not None
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 
@@ -121,9 +125,7 @@ class Run:
         index = 0
         while True:
             async with self._cond:
-                await self._cond.wait_for(
-                    lambda: len(self.events) > index or self._failure is not None
-                )
+                await self._cond.wait_for(functools.partial(self._has_more, index))
                 batch = self.events[index:]
                 failure = self._failure
             for event in batch:
@@ -393,9 +395,9 @@ class RunwatchClient:
             if pending is not None and not pending[1].done():
                 pending[1].set_result(run)
         elif kind == "resumed":
-            future = self._resumes.pop(frame.get("run_id", ""), None)
-            if future is not None and not future.done():
-                future.set_result(frame)
+            resumed = self._resumes.pop(frame.get("run_id", ""), None)
+            if resumed is not None and not resumed.done():
+                resumed.set_result(frame)
         elif kind == "pong":
             while self._pongs:
                 fut = self._pongs.pop(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from runtime.events import ErrorCode, Event, EventType
@@ -49,7 +50,7 @@ def violations(events: Sequence[Event]) -> list[str]:
                 out.append(f"I4: bad status at seq {e.seq}")
     if open_calls:
         out.append(f"I4: tool calls never completed: {sorted(open_calls)}")
-    for a, b in zip(events, events[1:], strict=False):
+    for a, b in itertools.pairwise(events):
         if b.ts_us < a.ts_us:
             out.append(f"I5: ts decreases at seq {b.seq}")
     return out
