@@ -378,9 +378,9 @@ class RunwatchClient:
         for _frame, future in self._chats.values():
             if not future.done():
                 future.set_exception(exc)
-        for future in self._resumes.values():
-            if not future.done():
-                future.set_exception(exc)
+        for waiting in self._resumes.values():
+            if not waiting.done():
+                waiting.set_exception(exc)
         for run in self.runs.values():
             if not run.done:
                 await run._fail(exc)
