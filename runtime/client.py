@@ -290,13 +290,13 @@ class RunwatchClient:
 
     async def resume(self, run_id: str, after_seq: int | None = None) -> Run:
         """Replay a run from ``after_seq`` (default: what this client already has)."""
-        run = self.runs.setdefault(run_id, Run(run_id))
-        after = run.last_seq if after_seq is None else after_seq
+        known = self.runs.get(run_id)
+        after = (known.last_seq if known else 0) if after_seq is None else after_seq
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._resumes[run_id] = future
         await self._send({"type": "resume", "run_id": run_id, "after_seq": after})
         await asyncio.wait_for(future, 30)
-        return run
+        return self.runs.setdefault(run_id, Run(run_id))
 
     async def cancel(self, run_id: str) -> None:
         await self._send({"type": "cancel", "run_id": run_id})
