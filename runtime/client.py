@@ -81,6 +81,8 @@ class Run:
     run_id: str
     thread_id: str | None = None
     duplicate: bool = False
+    #: The seq this client's copy starts after (0 unless first seen through a resume).
+    base_seq: int = 0
     events: list[Event] = field(default_factory=list)
     _cond: asyncio.Condition = field(default_factory=asyncio.Condition, repr=False)
     _pending: dict[int, Event] = field(default_factory=dict, repr=False)
@@ -88,7 +90,7 @@ class Run:
 
     @property
     def last_seq(self) -> int:
-        return self.events[-1].seq if self.events else 0
+        return self.events[-1].seq if self.events else self.base_seq
 
     @property
     def done(self) -> bool:
@@ -292,11 +294,19 @@ class RunwatchClient:
         """Replay a run from ``after_seq`` (default: what this client already has)."""
         known = self.runs.get(run_id)
         after = (known.last_seq if known else 0) if after_seq is None else after_seq
+        if known is None:
+            # A run first seen mid-stream starts after ``after``.
+            self.runs[run_id] = Run(run_id, base_seq=after)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._resumes[run_id] = future
-        await self._send({"type": "resume", "run_id": run_id, "after_seq": after})
-        await asyncio.wait_for(future, 30)
-        return self.runs.setdefault(run_id, Run(run_id))
+        try:
+            await self._send({"type": "resume", "run_id": run_id, "after_seq": after})
+            await asyncio.wait_for(future, 30)
+        except BaseException:
+            if known is None and not self.runs[run_id].events:
+                del self.runs[run_id]
+            raise
+        return self.runs[run_id]
 
     async def cancel(self, run_id: str) -> None:
         await self._send({"type": "cancel", "run_id": run_id})
