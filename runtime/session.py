@@ -293,7 +293,7 @@ class Session:
             created_us=wall_us(),
             timeout_s=rt.settings.run_timeout_s,
         )
-        run, duplicate = await rt.store.create_run(info, new_thread=new_thread)
+        run, duplicate = await rt.writer.create_run(info, new_thread)
         self.conn.send_frame(run_accepted_frame(ref, run.run_id, run.thread_id, duplicate))
         if not duplicate:
             rt.engine.start(run, chat.text)

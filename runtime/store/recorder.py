@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, event, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, event, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -123,6 +123,7 @@ class ConnectionClose:
 class Batch:
     """What one group commit writes, in one transaction."""
 
+    new_runs: list[tuple[RunInfo, bool]] = field(default_factory=list)
     events: list[tuple[Event, bool]] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
     acks: list[AckUpdate] = field(default_factory=list)
@@ -132,7 +133,8 @@ class Batch:
 
     def __len__(self) -> int:
         return (
-            len(self.events)
+            len(self.new_runs)
+            + len(self.events)
             + len(self.receipts)
             + len(self.acks)
             + len(self.settles)
@@ -235,8 +237,8 @@ class AuditStore:
         try:
             async with self.engine.begin() as conn:
                 yield conn
-        except IntegrityError:
-            raise
+        except IntegrityError as exc:
+            raise StoreError(str(exc).splitlines()[0], reason="integrity") from exc
         except (OperationalError, DBAPIError, OSError) as exc:
             raise StoreUnavailable(str(exc).splitlines()[0], reason="unavailable") from exc
 
@@ -274,31 +276,42 @@ class AuditStore:
     async def create_run(self, run: RunInfo, *, new_thread: bool) -> tuple[RunInfo, bool]:
         """Insert a run (and its thread when new). Returns ``(run, duplicate)``: when the user
         already used ``client_msg_id``, the original run and ``True``, and nothing is written."""
-        try:
-            async with self._tx() as conn:
-                if new_thread:
-                    await conn.execute(
-                        insert(ThreadRow).values(
-                            thread_id=run.thread_id, user_id=run.user_id, created_us=run.created_us
-                        )
-                    )
-                await conn.execute(
-                    insert(RunRow).values(
-                        run_id=run.run_id,
-                        user_id=run.user_id,
-                        thread_id=run.thread_id,
-                        agent=run.agent,
-                        client_msg_id=run.client_msg_id,
-                        instance_id=run.instance_id,
-                        created_us=run.created_us,
-                        timeout_s=run.timeout_s,
-                    )
+        async with self._tx() as conn:
+            return await self._create_run(conn, run, new_thread)
+
+    async def _create_run(
+        self, conn: AsyncConnection, run: RunInfo, new_thread: bool
+    ) -> tuple[RunInfo, bool]:
+        inserted = await conn.execute(
+            self._insert(RunRow)
+            .values(
+                run_id=run.run_id,
+                user_id=run.user_id,
+                thread_id=run.thread_id,
+                agent=run.agent,
+                client_msg_id=run.client_msg_id,
+                instance_id=run.instance_id,
+                created_us=run.created_us,
+                timeout_s=run.timeout_s,
+            )
+            .on_conflict_do_nothing(index_elements=["user_id", "client_msg_id"])
+        )
+        if inserted.rowcount == 0:
+            res = await conn.execute(
+                select(RunRow).where(
+                    RunRow.user_id == run.user_id, RunRow.client_msg_id == run.client_msg_id
                 )
-        except IntegrityError:
-            existing = await self.find_run_by_msg(run.user_id, run.client_msg_id)
-            if existing is None:
-                raise StoreError(f"cannot create run {run.run_id}", reason="conflict") from None
-            return existing, True
+            )
+            row = res.first()
+            if row is None:
+                raise StoreError(f"cannot create run {run.run_id}", reason="conflict")
+            return _run_info(row), True
+        if new_thread:
+            await conn.execute(
+                self._insert(ThreadRow)
+                .values(thread_id=run.thread_id, user_id=run.user_id, created_us=run.created_us)
+                .on_conflict_do_nothing(index_elements=["thread_id"])
+            )
         return run, False
 
     async def get_run(self, run_id: str) -> RunInfo | None:
@@ -382,10 +395,13 @@ class AuditStore:
             )
             return [_receipt(r) for r in res]
 
-    async def write(self, batch: Batch, committed_us: int) -> None:
-        """Write one group commit in one transaction."""
+    async def write(self, batch: Batch, committed_us: int) -> list[tuple[RunInfo, bool]]:
+        """Write one group commit in one transaction; returns ``create_run`` results for
+        ``batch.new_runs``, in order."""
         async with self._tx() as conn:
+            created = [await self._create_run(conn, run, new) for run, new in batch.new_runs]
             await self._write(conn, batch, committed_us)
+        return created
 
     async def _write(self, conn: AsyncConnection, batch: Batch, committed_us: int) -> None:
         if batch.opened:
@@ -450,17 +466,14 @@ class AuditStore:
                     for r in batch.receipts
                 ],
             )
-        for ack in batch.acks:
-            await conn.execute(
-                update(DeliveryRow)
-                .where(
-                    DeliveryRow.connection_id == ack.connection_id,
-                    DeliveryRow.run_id == ack.run_id,
-                    DeliveryRow.seq <= ack.seq,
-                    DeliveryRow.acked_us.is_(None),
-                )
-                .values(acked_us=ack.acked_us)
-            )
+        if batch.acks:
+            # One statement for the whole group (executemany). Acks are cumulative; each
+            # receipt keeps the time of the first ack that covered it.
+            params = [
+                {"b_conn": a.connection_id, "b_run": a.run_id, "b_seq": a.seq, "b_t": a.acked_us}
+                for a in batch.acks
+            ]
+            await conn.execute(_ACK_UPDATE, params)
         for run_id, settled_us in batch.settles:
             await conn.execute(
                 update(RunRow)
@@ -505,6 +518,18 @@ class AuditStore:
                 )
             )
             return counts
+
+
+_ACK_UPDATE = (
+    update(DeliveryRow)
+    .where(
+        DeliveryRow.connection_id == bindparam("b_conn"),
+        DeliveryRow.run_id == bindparam("b_run"),
+        DeliveryRow.seq <= bindparam("b_seq"),
+        DeliveryRow.acked_us.is_(None),
+    )
+    .values(acked_us=bindparam("b_t"))
+)
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
