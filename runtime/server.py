@@ -32,6 +32,7 @@ from .metrics import RuntimeMetrics
 from .protocol import CloseCode
 from .ratelimit import TokenBuckets
 from .session import serve_socket
+from .store.journal import Journal
 from .store.recorder import AuditStore
 from .store.writer import AuditWriter
 from .tools import ToolRegistry, builtin_tools
@@ -47,6 +48,10 @@ class Broker(Protocol):
     """Cross-replica fan-out of cancels (and events) through Redis."""
 
     async def cancel(self, run_id: str) -> None: ...
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:100] or "runtime"
 
 
 def is_loopback(host: str) -> bool:
@@ -76,6 +81,10 @@ class Runtime:
         self.tokens = TokenAuthority(settings.jwt_secret, leeway_s=settings.jwt_leeway_s)
         self.store = store if store is not None else AuditStore.open(settings.database_url)
         self.writer = AuditWriter(self.store, self.metrics)
+        self.writer.journal = Journal(
+            Path(settings.data_dir) / f"journal-{_safe_name(settings.instance_id)}.jsonl",
+            settings.journal_max_bytes,
+        )
         self.hub = Hub(
             self.metrics,
             self.writer,
@@ -117,6 +126,10 @@ class Runtime:
 
     async def start(self) -> None:
         self.writer.start()
+        if self.writer.degraded:
+            # Events a crashed process journaled go to the store before recovery reads it.
+            log.warning("draining the outage journal into the store before recovery")
+            await self.writer.wait_journal_drained()
         self.recovered = await self.engine.recover(self.settings.instance_id)
         self._background.append(asyncio.create_task(self._sweeper(), name="runwatch-sweeper"))
         for hook in self.on_start:

@@ -201,13 +201,7 @@ class Session:
             ):
                 self.conn.close(CloseCode.FRAME_TOO_BIG)
                 return
-            try:
-                await self._handle(raw)
-            except StoreError as exc:
-                log.warning("store error while handling a frame: %s", exc)
-                self._error(
-                    FrameError(ProtocolErrorCode.RATE_LIMITED, "temporarily unavailable, retry")
-                )
+            await self._handle(raw)
             if self.conn.closed:
                 return
 
@@ -232,16 +226,28 @@ class Session:
             self._error(FrameError(ProtocolErrorCode.INVALID_MESSAGE, "already connected"))
             return
         self.bad_frames = 0
-        if isinstance(frame, Ping):
-            self.conn.send_frame(pong_frame())
-        elif isinstance(frame, Ack):
-            await self._ack(frame)
-        elif isinstance(frame, Chat):
-            await self._chat(frame)
-        elif isinstance(frame, Resume):
-            await self._resume(frame)
-        elif isinstance(frame, Cancel):
-            await self._cancel(frame)
+        try:
+            if isinstance(frame, Ping):
+                self.conn.send_frame(pong_frame())
+            elif isinstance(frame, Ack):
+                await self._ack(frame)
+            elif isinstance(frame, Chat):
+                await self._chat(frame)
+            elif isinstance(frame, Resume):
+                await self._resume(frame)
+            elif isinstance(frame, Cancel):
+                await self._cancel(frame)
+        except StoreError as exc:
+            # The audit store is briefly unavailable: a retryable answer, never a crash.
+            log.warning("store error while handling %s: %s", type(frame).__name__, exc)
+            ref = frame.client_msg_id if isinstance(frame, Chat) else getattr(frame, "run_id", None)
+            self._error(
+                FrameError(
+                    ProtocolErrorCode.RATE_LIMITED,
+                    "the audit store is temporarily unavailable; retry shortly",
+                    ref,
+                )
+            )
 
     async def _owned_run(self, run_id: str) -> RunInfo | None:
         run = await self.rt.store.get_run(run_id)

@@ -125,6 +125,8 @@ class Batch:
 
     new_runs: list[tuple[RunInfo, bool]] = field(default_factory=list)
     events: list[tuple[Event, bool]] = field(default_factory=list)
+    #: Events drained from the outage journal: (event, live, the journal's commit time).
+    journaled: list[tuple[Event, bool, int]] = field(default_factory=list)
     receipts: list[Receipt] = field(default_factory=list)
     acks: list[AckUpdate] = field(default_factory=list)
     settles: list[tuple[str, int]] = field(default_factory=list)
@@ -135,6 +137,7 @@ class Batch:
         return (
             len(self.new_runs)
             + len(self.events)
+            + len(self.journaled)
             + len(self.receipts)
             + len(self.acks)
             + len(self.settles)
@@ -214,7 +217,11 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_pre_ping=True, **kwargs)
+    # Bounded waits: an unreachable database is an error in seconds, never a hang.
+    connect_args = {"timeout": 5, "command_timeout": 30}
+    return create_async_engine(
+        url, pool_pre_ping=True, pool_timeout=10, connect_args=connect_args, **kwargs
+    )
 
 
 class AuditStore:
@@ -421,7 +428,8 @@ class AuditStore:
                     for c in batch.opened
                 ],
             )
-        if batch.events:
+        rows = [(e, live, committed_us) for e, live in batch.events] + batch.journaled
+        if rows:
             # Idempotent by event_id, so a journal drained twice writes each event once.
             stmt = self._insert(EventRow).on_conflict_do_nothing(index_elements=["event_id"])
             await conn.execute(
@@ -435,14 +443,14 @@ class AuditStore:
                         "thread_id": e.thread_id,
                         "agent": e.agent,
                         "ts_us": e.ts_us,
-                        "committed_us": committed_us,
+                        "committed_us": at,
                         "live": live,
                         "data": e.data,
                     }
-                    for e, live in batch.events
+                    for e, live, at in rows
                 ],
             )
-            for e, _live in batch.events:
+            for e, _live, _at in rows:
                 if e.is_terminal:
                     await conn.execute(
                         update(RunRow)

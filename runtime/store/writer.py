@@ -23,10 +23,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from ..events import Event, Receipt
 from ..metrics import RuntimeMetrics
+from .journal import Journal, JournalFull
 from .recorder import (
     AckUpdate,
     AuditStore,
@@ -38,19 +38,13 @@ from .recorder import (
     StoreUnavailable,
 )
 
-__all__ = ["AuditWriter", "Fallback"]
+__all__ = ["AuditWriter"]
 
 log = logging.getLogger("runwatch.audit")
 
 
 def wall_us() -> int:
     return time.time_ns() // 1000
-
-
-class Fallback(Protocol):
-    """Somewhere durable to put events while the store is failing (the local journal)."""
-
-    async def append(self, events: list[tuple[Event, bool]], committed_us: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -98,8 +92,15 @@ class AuditWriter:
         self.low_priority_delay_s = low_priority_delay_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
-        self.fallback: Fallback | None = None
+        #: Where events go during a store outage; None: they wait for the store instead.
+        self.journal: Journal | None = None
         self.fallback_after_s = 1.0
+        #: True while events go to the journal (the store failed, or the journal is not
+        #: yet drained: events reach the store in order).
+        self.degraded = False
+        self._retry_delay = retry_initial_s
+        self._next_probe = 0.0
+        self._probe: asyncio.Task[None] | None = None
         self._urgent: list[_Urgent] = []
         self._later: list[_Later] = []
         self._later_since = 0.0
@@ -158,6 +159,8 @@ class AuditWriter:
     # ---- the loop -----------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.journal is not None and len(self.journal):
+            self.degraded = True
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="runwatch-audit-writer")
 
@@ -181,8 +184,17 @@ class AuditWriter:
                 await self._task
             self._task = None
 
+    async def wait_journal_drained(self) -> None:
+        """Wait until the journal is empty and events go straight to the store again."""
+        while self.degraded:
+            self._wakeup.set()
+            await asyncio.sleep(0.05)
+
     async def _run(self) -> None:
         while True:
+            if self.degraded:
+                await self._degraded_step()
+                continue
             if not self._urgent and not self._later:
                 self._all_done.set()
                 self._wakeup.clear()
@@ -215,17 +227,7 @@ class AuditWriter:
             else:
                 runs.append(item)
                 batch.new_runs.append((item.run, item.new_thread))
-        for low in later:
-            if isinstance(low, Receipt):
-                batch.receipts.append(low)
-            elif isinstance(low, AckUpdate):
-                batch.acks.append(low)
-            elif isinstance(low, _Settle):
-                batch.settles.append((low.run_id, low.settled_us))
-            elif isinstance(low, ConnectionOpen):
-                batch.opened.append(low)
-            else:
-                batch.closed.append(low)
+        self._fill_later(batch, later)
         delay = self.retry_initial_s
         failing_since: float | None = None
         while True:
@@ -239,15 +241,10 @@ class AuditWriter:
                 now = time.monotonic()
                 failing_since = now if failing_since is None else failing_since
                 log.warning("audit store write failed (%s); retrying in %.2fs", exc, delay)
-                if (
-                    self.fallback is not None
-                    and events
-                    and now - failing_since >= self.fallback_after_s
-                ):
-                    # The journal is durable: these events count as persisted now.
-                    await self.fallback.append(batch.events, committed_us)
-                    self._resolve_events(events, committed_us)
-                    events, batch.events = [], []
+                if self.journal is not None and now - failing_since >= self.fallback_after_s:
+                    self._enter_degraded(runs, later)
+                    self._urgent[:0] = events
+                    return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
             except StoreError as exc:
@@ -266,6 +263,100 @@ class AuditWriter:
         for item, result in zip(runs, created, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
+
+    # ---- outage: the journal ----------------------------------------------------------
+
+    def _enter_degraded(self, runs: list[_RunItem], later: list[_Later]) -> None:
+        log.error("audit store unavailable: events go to the local journal until it is back")
+        self.degraded = True
+        self._retry_delay = self.retry_initial_s
+        self._next_probe = time.monotonic() + self._retry_delay
+        self._later[:0] = later
+        self._fail_runs(runs)
+
+    def _fail_runs(self, runs: list[_RunItem]) -> None:
+        # New runs need the store (idempotency); the client retries with the same id.
+        for item in runs:
+            if not item.future.done():
+                item.future.set_exception(
+                    StoreUnavailable("the audit store is unavailable", reason="unavailable")
+                )
+
+    async def _degraded_step(self) -> None:
+        """Journal new events at once; drain the journal into the store in the background, so
+        a store that hangs instead of refusing never delays an event."""
+        assert self.journal is not None
+        urgent, self._urgent = self._urgent, []
+        events = [i for i in urgent if isinstance(i, _EventItem)]
+        self._fail_runs([i for i in urgent if isinstance(i, _RunItem)])
+        if events:
+            committed_us = self.clock_us()
+            try:
+                # Durable on disk: these events count as persisted now.
+                await self.journal.append([(i.event, i.live) for i in events], committed_us)
+            except JournalFull as exc:
+                log.error("%s: events wait for the store", exc)
+                self._urgent[:0] = events
+                await asyncio.sleep(self._retry_delay)
+            else:
+                self._resolve_events(events, committed_us)
+        self.metrics.journal_depth.set(len(self.journal))
+        if self._probe is None and time.monotonic() >= self._next_probe:
+            self._probe = asyncio.create_task(self._drain_chunk())
+        waits: set[asyncio.Future[object]] = {asyncio.ensure_future(self._wait_urgent())}
+        if self._probe is not None:
+            waits.add(self._probe)  # type: ignore[arg-type]
+        timeout = max(0.0, self._next_probe - time.monotonic()) if self._probe is None else None
+        _done, pending = await asyncio.wait(waits, timeout=timeout, return_when="FIRST_COMPLETED")
+        for task in pending:
+            if task is not self._probe:
+                task.cancel()
+        if self._probe is not None and self._probe.done():
+            self._probe = None
+
+    async def _drain_chunk(self) -> None:
+        assert self.journal is not None
+        chunk = self.journal.pending(self.max_batch)
+        later, self._later = self._later, []
+        batch = Batch(journaled=[(e.event, e.live, e.committed_us) for e in chunk])
+        self._fill_later(batch, later)
+        try:
+            await self.store.write(batch, self.clock_us())
+        except StoreError as exc:
+            self.metrics.audit_write_errors.inc()
+            self.metrics.store_up.set(0)
+            self._later[:0] = later
+            log.debug("audit store still unavailable: %s", exc)
+            self._next_probe = time.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, self.retry_max_s)
+            return
+        self.metrics.store_up.set(1)
+        self._retry_delay = self.retry_initial_s
+        self._next_probe = 0.0
+        await self.journal.drained(len(chunk))
+        self.metrics.journal_depth.set(len(self.journal))
+        if not len(self.journal) and not self._urgent:
+            log.warning("audit store is back: journal drained")
+            self.degraded = False
+
+    async def _wait_urgent(self) -> None:
+        while not self._urgent:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    @staticmethod
+    def _fill_later(batch: Batch, later: list[_Later]) -> None:
+        for low in later:
+            if isinstance(low, Receipt):
+                batch.receipts.append(low)
+            elif isinstance(low, AckUpdate):
+                batch.acks.append(low)
+            elif isinstance(low, _Settle):
+                batch.settles.append((low.run_id, low.settled_us))
+            elif isinstance(low, ConnectionOpen):
+                batch.opened.append(low)
+            else:
+                batch.closed.append(low)
 
     def _resolve_events(self, events: list[_EventItem], committed_us: int) -> None:
         done_us = self.clock_us()
