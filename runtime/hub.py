@@ -38,6 +38,9 @@ def wall_us() -> int:
     return time.time_ns() // 1000
 
 
+CLOSE_TIMEOUT_S = 5.0
+
+
 class Transport(Protocol):
     """What the hub needs of a socket."""
 
@@ -115,6 +118,8 @@ class Connection:
         self.acked: dict[str, int] = {}
         self.closed = False
         self.close_code: int | None = None
+        #: Set when the hub closes the connection, so its reader stops at once.
+        self.done = asyncio.Event()
         self._queue: deque[_Outgoing] = deque()
         self._wakeup = asyncio.Event()
         self._writable = asyncio.Event()
@@ -198,6 +203,7 @@ class Connection:
             return
         self.closed = True
         self.close_code = code
+        self.done.set()
         self._queue.clear()
         self.queued_bytes = 0
         self._writable.set()
@@ -209,8 +215,10 @@ class Connection:
 
     async def _close_transport(self, code: int) -> None:
         reason = _reason(code)
+        # A peer that does not read may never take the close frame: bounded wait; the
+        # server's keepalive ping timeout then drops the socket.
         with contextlib.suppress(Exception):
-            await self.transport.close(code, reason)
+            await asyncio.wait_for(self.transport.close(code, reason), CLOSE_TIMEOUT_S)
 
     async def wait_writable(self) -> None:
         """Wait until the send queue is at most half full (or the connection closed)."""

@@ -183,9 +183,24 @@ class Session:
         self.conn.close(CloseCode.UNAUTHORIZED)
 
     async def _receive_loop(self) -> None:
+        closed: asyncio.Future[Any] = asyncio.ensure_future(self.conn.done.wait())
+        try:
+            await self._receive_frames(closed)
+        finally:
+            closed.cancel()
+
+    async def _receive_frames(self, closed: asyncio.Future[Any]) -> None:
         while True:
+            receive = asyncio.ensure_future(self.ws.receive())
+            await asyncio.wait([receive, closed], return_when=asyncio.FIRST_COMPLETED)
+            if not receive.done():
+                # The hub closed this connection (slow consumer, expiry): stop reading now.
+                receive.cancel()
+                with contextlib.suppress(BaseException):
+                    await receive
+                return
             try:
-                message = await self.ws.receive()
+                message = receive.result()
             except (WebSocketDisconnect, RuntimeError):
                 return
             if message["type"] == "websocket.disconnect":

@@ -192,6 +192,7 @@ async def serve_runtime(
         ws_max_size=1_048_576,
         log_level="warning",
         lifespan="on",
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server._serve([sock]))
