@@ -297,7 +297,7 @@ class Session:
             self._error(FrameError(ProtocolErrorCode.RATE_LIMITED, "the server is restarting", ref))
             return
         if not rt.chat_rate.allowed(self.user_id):
-            wait = rt.chat_rate.retry_after(self.user_id)
+            wait = max(0.1, rt.chat_rate.retry_after(self.user_id))
             self._error(
                 FrameError(
                     ProtocolErrorCode.RATE_LIMITED, f"too many chats; retry in {wait:.1f}s", ref
