@@ -1,0 +1,95 @@
+"""A crash loop: SIGKILL the server at a random moment under load, restart it, 20 times.
+
+Afterwards every run has ended, and no event any client received is missing from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from runtime.client import RunwatchClient, RunwatchError
+from runtime.events import Event
+from runtime.store.recorder import AuditStore
+
+from .conftest import JWT_SECRET, free_port, make_token, sqlite_url, start_server_process
+from .invariants import assert_valid
+
+KILLS = int(os.environ.get("RUNWATCH_CRASH_LOOP_KILLS", "20"))
+PROMPTS = ("wait 2", "what is 6*7", "fail tool", "hello", "wait 1", "crash")
+
+
+async def _load(client: RunwatchClient, stop: asyncio.Event) -> int:
+    started = 0
+    i = random.randrange(len(PROMPTS))
+    while not stop.is_set():
+        i += 1
+        try:
+            await client.chat(PROMPTS[i % len(PROMPTS)], timeout=60)
+            started += 1
+        except (RunwatchError, TimeoutError):
+            await asyncio.sleep(0.2)
+            continue
+        await asyncio.sleep(random.uniform(0, 0.3))
+    return started
+
+
+@pytest.mark.slow
+async def test_crash_loop(tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("RUNWATCH_CRASH_LOOP_SEED", "7")))
+    db = sqlite_url(tmp_path / "rw.db")
+    env = {"RUNWATCH_DATABASE_URL": db, "RUNWATCH_JWT_SECRET": JWT_SECRET}
+    port = free_port()
+    server = start_server_process(tmp_path, env, port=port, command="runtime")
+    clients = [
+        RunwatchClient(server.ws_url, make_token(f"user{i}"), max_backoff_s=0.3) for i in range(10)
+    ]
+    for c in clients:
+        await c.connect()
+    stop = asyncio.Event()
+    load = [asyncio.create_task(_load(c, stop)) for c in clients]
+    try:
+        for _ in range(KILLS):
+            await asyncio.sleep(rng.uniform(0.3, 2.0))
+            os.kill(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(10)
+            server = start_server_process(tmp_path, env, port=port, command="runtime")
+        await asyncio.sleep(1)
+        stop.set()
+        started = sum(await asyncio.gather(*load))
+        # Every run a client knows of comes to its end, resumed from the store if need be.
+        for client in clients:
+            for run in list(client.runs.values()):
+                await asyncio.wait_for(run.wait(), 60)
+    finally:
+        stop.set()
+        for c in clients:
+            await c.close()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(30)
+
+    received: list[Event] = [e for c in clients for r in c.runs.values() for e in r.events]
+    store = AuditStore.open(db)
+    try:
+        assert await store.open_runs() == [], "every run ended"
+        lost = 0
+        restarted = 0
+        runs = {e.run_id for e in received}
+        for run_id in runs:
+            stored = await store.run_events(run_id)
+            assert_valid(stored)
+            lost += sum(1 for e in received if e.run_id == run_id and e not in stored)
+            restarted += stored[-1].data.get("code") == "runtime_restarted"
+        assert lost == 0
+    finally:
+        await store.close()
+    print(
+        f"\ncrash loop: {KILLS} kills, {started} chats accepted, {len(runs)} runs seen by clients, "
+        f"{len(received)} events received, {restarted} runs ended by runtime_restarted, "
+        f"lost {lost}"
+    )
