@@ -118,6 +118,8 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
         host=args.host,
         port=args.port,
         ws_max_size=1_048_576,
+        # Compression state costs tens of KiB per connection; events are small JSON.
+        ws_per_message_deflate=settings.ws_compression,
         ws_ping_interval=settings.heartbeat_s,
         ws_ping_timeout=settings.heartbeat_s,
         log_level=settings.log_level.lower(),

@@ -37,6 +37,7 @@ class Settings:
     drain_s: float = 10.0
     connect_timeout_s: float = 10.0
     heartbeat_s: float = 20.0
+    ws_compression: bool = False
     max_connections_per_user: int = 10
     max_bad_frames: int = 20
     chat_burst: int = 20
@@ -67,7 +68,11 @@ class Settings:
                 continue
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
             try:
-                if kind.startswith("float"):
+                if kind.startswith("bool"):
+                    if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError(raw)
+                    values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+                elif kind.startswith("float"):
                     values[f.name] = float(raw)
                 elif kind.startswith("int"):
                     values[f.name] = int(raw)
@@ -75,7 +80,7 @@ class Settings:
                     values[f.name] = raw
             except ValueError:
                 raise ConfigError(name, raw, kind.split(" ")[0]) from None
-            if kind.startswith(("float", "int")) and values[f.name] < 0:
+            if kind.startswith(("float", "int")) and values[f.name] < 0:  # bool is not "int"
                 raise ConfigError(name, raw, "a non-negative number")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
