@@ -93,13 +93,14 @@ async def _measure(pid: int, port: int, idle: int, flood: str) -> dict[str, floa
     peak = after_idle
     closed_after = None
     started = time.monotonic()
-    while time.monotonic() - started < 120:
-        await asyncio.sleep(0.1)
-        peak = max(peak, rss_mib(pid))
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        if 'runwatch_disconnects_total{code="4008"} 1.0' in metrics:
-            closed_after = time.monotonic() - started
-            break
+    async with httpx.AsyncClient() as http:
+        while time.monotonic() - started < 120:
+            await asyncio.sleep(0.1)
+            peak = max(peak, rss_mib(pid))
+            metrics = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+            if 'runwatch_disconnects_total{code="4008"} 1.0' in metrics:
+                closed_after = time.monotonic() - started
+                break
     await asyncio.sleep(1)
     peak = max(peak, rss_mib(pid))
     sock.close()
