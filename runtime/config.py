@@ -45,6 +45,7 @@ class Settings:
     send_queue_bytes: int = 1_048_576
     instance_id: str = field(default_factory=_default_instance)
     redis_url: str | None = None
+    redis_channel: str = "runwatch:fanout"
     data_dir: str = "./runwatch-data"
     journal_max_bytes: int = 256 * 1024 * 1024
     log_level: str = "info"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .agents import AgentRegistry, ToolError
+from .broker import RedisBroker
 from .events import ErrorCode, Event
 from .hub import Hub
 from .lifecycle import LifecycleError, RunLifecycle, RunOutcome
@@ -169,6 +170,7 @@ class Engine:
         self.clock_us = clock_us
         self.active: dict[str, _ActiveRun] = {}
         self.accepting = True
+        self.broker: RedisBroker | None = None
 
     # ---- emission -----------------------------------------------------------------------
 
@@ -191,6 +193,8 @@ class Engine:
             self.metrics.events_deferred.labels(type=kind).inc()
         await self.writer.persist(event, live)  # I6: committed before any socket sees it
         self.hub.publish(event, owner, live)
+        if self.broker is not None:
+            self.broker.event(event, owner, live)
 
     # ---- runs ---------------------------------------------------------------------------
 
@@ -203,6 +207,8 @@ class Engine:
         run = _ActiveRun(info=info, input=text, lc=lc)
         self.active[info.run_id] = run
         self.hub.run_started(info.run_id, info.user_id)
+        if self.broker is not None:
+            self.broker.run_started(info.run_id, info.user_id)
         self.metrics.runs_started.labels(agent=info.agent).inc()
         run.supervisor = asyncio.create_task(self._supervise(run), name=f"run-{info.run_id}")
 

@@ -272,11 +272,19 @@ class Hub:
         self._by_user: dict[str, set[Connection]] = {}
         self._tracks: dict[str, _RunTrack] = {}
         self.settle_lookup: Callable[[str, int], Awaitable[None]] | None = None
+        #: Cross-replica hooks (set by the Redis broker): an owner connected elsewhere, an ack
+        #: of a run running elsewhere, a change of which users are connected here.
+        self.remote_presence: Callable[[str], bool] | None = None
+        self.forward_ack: Callable[[str, int, int], None] | None = None
+        self.on_presence: Callable[[], None] | None = None
 
     # ---- connections --------------------------------------------------------------------
 
     def connections(self, user_id: str) -> set[Connection]:
         return self._by_user.get(user_id, set())
+
+    def users(self) -> set[str]:
+        return set(self._by_user)
 
     def all_connections(self) -> list[Connection]:
         return [c for conns in self._by_user.values() for c in conns]
@@ -294,6 +302,8 @@ class Hub:
         conns.add(conn)
         self.metrics.connections_open.inc()
         conn.start()
+        if self.on_presence is not None and len(conns) == 1:
+            self.on_presence()
         return conn
 
     def remove(self, conn: Connection, code: int) -> None:
@@ -304,6 +314,8 @@ class Hub:
         conns.discard(conn)
         if not conns:
             del self._by_user[conn.user_id]
+            if self.on_presence is not None:
+                self.on_presence()
         self.metrics.connections_open.dec()
         self.metrics.disconnects.labels(code=str(code)).inc()
         reason = FailureReason.of(code)
@@ -325,15 +337,17 @@ class Hub:
     def is_watched(self, run_id: str, user_id: str) -> bool:
         """True when an owner connection is subscribed to (or resuming) the run: an event
         emitted now is sent live and counts in the delivery SLI."""
-        return any(
-            run_id in c.subscribed or run_id in c.resuming for c in self.connections(user_id)
-        )
+        if any(run_id in c.subscribed or run_id in c.resuming for c in self.connections(user_id)):
+            return True
+        return self.remote_presence is not None and self.remote_presence(user_id)
 
-    def run_started(self, run_id: str, user_id: str) -> None:
-        """Every open connection of the owner gets the new run live (every tab)."""
+    def run_started(self, run_id: str, user_id: str, *, track: bool = True) -> None:
+        """Every open connection of the owner gets the new run live (every tab). ``track``:
+        the run executes here, so its first acks are counted here."""
         for conn in self.connections(user_id):
             conn.subscribed.add(run_id)
-        self._tracks[run_id] = _RunTrack(owner=user_id)
+        if track:
+            self._tracks[run_id] = _RunTrack(owner=user_id)
 
     def publish(self, event: Event, user_id: str, live: bool) -> None:
         """Hand a committed event to the owner's connections (I7: only the owner's)."""
@@ -366,10 +380,21 @@ class Hub:
         self.writer.record_ack(AckUpdate(conn.id, run_id, seq, now))
         track = self._tracks.get(run_id)
         if track is None:
-            # A run from before a restart or from another replica: no live counts here.
+            # A run from another replica (it counts the ack) or from before a restart.
+            if self.forward_ack is not None:
+                self.forward_ack(run_id, seq, now)
             if self.settle_lookup is not None:
                 await self.settle_lookup(run_id, seq)
             return
+        self._count_acks(run_id, track, seq, now)
+
+    def remote_ack(self, run_id: str, seq: int, acked_us: int) -> None:
+        """An owner connection on another replica acknowledged up to ``seq``."""
+        track = self._tracks.get(run_id)
+        if track is not None:
+            self._count_acks(run_id, track, seq, acked_us)
+
+    def _count_acks(self, run_id: str, track: _RunTrack, seq: int, now: int) -> None:
         if seq > track.acked_upto:
             for s in range(track.acked_upto + 1, seq + 1):
                 if track.live.get(s) and s > track.failed_upto:

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from . import __version__
 from .agents import AgentRegistry
 from .auth import AuthError, TokenAuthority, valid_user_id
+from .broker import RedisBroker
 from .config import Settings
 from .engine import Engine, EngineConfig
 from .hub import Hub
@@ -37,17 +38,11 @@ from .store.recorder import AuditStore
 from .store.writer import AuditWriter
 from .tools import ToolRegistry, builtin_tools
 
-__all__ = ["Broker", "Runtime", "create_app", "is_loopback"]
+__all__ = ["Runtime", "create_app", "is_loopback"]
 
 log = logging.getLogger("runwatch.server")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-
-
-class Broker(Protocol):
-    """Cross-replica fan-out of cancels (and events) through Redis."""
-
-    async def cancel(self, run_id: str) -> None: ...
 
 
 def _safe_name(name: str) -> str:
@@ -106,7 +101,13 @@ class Runtime:
             ),
         )
         self.chat_rate = TokenBuckets(settings.chat_burst, settings.chat_refill_per_s)
-        self.broker: Broker | None = None
+        self.broker: RedisBroker | None = None
+        if settings.redis_url:
+            self.broker = RedisBroker(settings.redis_url, self, channel=settings.redis_channel)
+            self.engine.broker = self.broker
+            self.hub.remote_presence = self.broker.owner_elsewhere
+            self.hub.forward_ack = self.broker.ack
+            self.hub.on_presence = self.broker.presence_changed
         self.accepting = True
         self.recovered = 0
         self._background: list[asyncio.Task[Any]] = []
@@ -131,6 +132,8 @@ class Runtime:
             log.warning("draining the outage journal into the store before recovery")
             await self.writer.wait_journal_drained()
         self.recovered = await self.engine.recover(self.settings.instance_id)
+        if self.broker is not None:
+            await self.broker.start()
         self._background.append(asyncio.create_task(self._sweeper(), name="runwatch-sweeper"))
         for hook in self.on_start:
             await hook()
@@ -153,6 +156,8 @@ class Runtime:
             log.warning("shutdown: ended %d run(s) with runtime_restarted", ended)
         await self.writer.flush(timeout=30)
         await self.hub.close_all(CloseCode.SERVER_RESTARTING)
+        if self.broker is not None:
+            await self.broker.close()
         for hook in self.on_stop:
             with contextlib.suppress(Exception):
                 await hook()

@@ -1,0 +1,172 @@
+"""Cross-replica fan-out through Redis pub/sub, for several runtime replicas behind a load
+balancer sharing one PostgreSQL audit store.
+
+Each replica publishes, on one channel, what other replicas need to serve *their* sockets:
+
+- ``run``: a run started here; connections of its owner there subscribe to it (every tab);
+- ``ev``: a committed event (I6 holds: only committed events are published); replicas deliver
+  it to the owner's local connections (I7: the owner, from the message, never the client);
+- ``cancel``: a user asked another replica to cancel a run running here;
+- ``ack``: an owner connection there acknowledged an event of a run running here, so the
+  origin counts each event's first acknowledgement once;
+- ``presence``: which users have connections where, so an event counts as sent live when the
+  owner has a tab on any replica.
+
+Redis pub/sub is at-most-once: a replica that misses messages (a Redis blip) leaves its
+clients to catch up with ``resume``, which reads the store. Nothing is lost from the audit
+store; only live fan-out degrades, and it shows in the delivery SLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+
+from .events import Event
+
+if TYPE_CHECKING:
+    from .server import Runtime
+
+__all__ = ["RedisBroker"]
+
+log = logging.getLogger("runwatch.broker")
+
+PRESENCE_EVERY_S = 5.0
+PRESENCE_TTL_S = 20.0
+
+
+class RedisBroker:
+    """Publishes this replica's fan-out and applies the other replicas'."""
+
+    def __init__(self, url: str, rt: Runtime, channel: str = "runwatch:fanout") -> None:
+        self.url = url
+        self.rt = rt
+        self.channel = channel
+        self.instance = rt.settings.instance_id
+        self._redis: aioredis.Redis | None = None
+        self._outbox: asyncio.Queue[str] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        #: user -> {instance: last seen (monotonic)} for users with connections elsewhere.
+        self._remote: dict[str, dict[str, float]] = {}
+        self.received = 0
+        self.published = 0
+
+    async def start(self) -> None:
+        self._redis = aioredis.from_url(self.url, decode_responses=True)
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(self.channel)
+        self._tasks = [
+            asyncio.create_task(self._listen(pubsub), name="runwatch-broker-listen"),
+            asyncio.create_task(self._publish_loop(), name="runwatch-broker-publish"),
+            asyncio.create_task(self._presence_loop(), name="runwatch-broker-presence"),
+        ]
+
+    async def close(self) -> None:
+        await self._flush_outbox()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def _flush_outbox(self, timeout: float = 2.0) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._outbox.join(), timeout)
+
+    # ---- publishing (ordered: one task drains the outbox) --------------------------------
+
+    def _send(self, kind: str, **fields: Any) -> None:
+        self._outbox.put_nowait(json.dumps({"k": kind, "i": self.instance, **fields}))
+
+    async def _publish_loop(self) -> None:
+        assert self._redis is not None
+        while True:
+            message = await self._outbox.get()
+            while True:
+                try:
+                    await self._redis.publish(self.channel, message)
+                    self.published += 1
+                    self._outbox.task_done()
+                    break
+                except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+                    log.warning("redis publish failed (%s); retrying", exc)
+                    await asyncio.sleep(0.5)
+
+    def run_started(self, run_id: str, owner: str) -> None:
+        self._send("run", run=run_id, u=owner)
+
+    def event(self, event: Event, owner: str, live: bool) -> None:
+        self._send("ev", u=owner, live=live, e=event.to_dict())
+
+    async def cancel(self, run_id: str) -> None:
+        self._send("cancel", run=run_id)
+
+    def ack(self, run_id: str, seq: int, acked_us: int) -> None:
+        self._send("ack", run=run_id, seq=seq, t=acked_us)
+
+    def presence_changed(self) -> None:
+        self._send("presence", users=sorted(self.rt.hub.users()))
+
+    async def _presence_loop(self) -> None:
+        while True:
+            self.presence_changed()
+            await asyncio.sleep(PRESENCE_EVERY_S)
+
+    def owner_elsewhere(self, user_id: str) -> bool:
+        """True when ``user_id`` has a connection on another live replica."""
+        seen = self._remote.get(user_id)
+        if not seen:
+            return False
+        cutoff = time.monotonic() - PRESENCE_TTL_S
+        return any(t >= cutoff for t in seen.values())
+
+    # ---- receiving ---------------------------------------------------------------------
+
+    async def _listen(self, pubsub: Any) -> None:
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+                log.warning("redis subscription failed (%s); reconnecting", exc)
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(Exception):
+                    await pubsub.subscribe(self.channel)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            try:
+                self._apply(json.loads(message["data"]))
+            except Exception:
+                log.exception("bad fan-out message ignored")
+
+    def _apply(self, msg: dict[str, Any]) -> None:
+        if msg.get("i") == self.instance:
+            return
+        self.received += 1
+        kind = msg.get("k")
+        hub, engine = self.rt.hub, self.rt.engine
+        if kind == "ev":
+            hub.publish(Event.from_dict(msg["e"]), str(msg["u"]), bool(msg["live"]))
+        elif kind == "run":
+            hub.run_started(str(msg["run"]), str(msg["u"]), track=False)
+        elif kind == "cancel":
+            engine.cancel(str(msg["run"]))
+        elif kind == "ack":
+            hub.remote_ack(str(msg["run"]), int(msg["seq"]), int(msg["t"]))
+        elif kind == "presence":
+            now = time.monotonic()
+            users = set(msg.get("users", []))
+            instance = str(msg["i"])
+            for user in users:
+                self._remote.setdefault(user, {})[instance] = now
+            for user, seen in list(self._remote.items()):
+                if user not in users:
+                    seen.pop(instance, None)
+                    if not seen:
+                        del self._remote[user]
