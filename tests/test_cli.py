@@ -1,0 +1,82 @@
+"""The runwatch command: token, migrate, purge."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from runtime.auth import TokenAuthority
+from runtime.cli import parse_duration
+from runtime.store.migrate import current_revision, head_revision
+from runtime.store.recorder import AuditStore
+
+from .conftest import JWT_SECRET, sqlite_url
+
+
+def runwatch(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("RUNWATCH_")}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.cli", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("30d") == 30 * 86400
+    assert parse_duration("1h") == 3600
+    assert parse_duration("90s") == 90
+    assert parse_duration("1.5m") == 90
+
+
+def test_token_mints_a_verifiable_jwt(tmp_path: Path) -> None:
+    out = runwatch(
+        "token",
+        "--user",
+        "alice",
+        "--ttl",
+        "2h",
+        env={"RUNWATCH_JWT_SECRET": JWT_SECRET},
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    identity = TokenAuthority(JWT_SECRET).verify(out.stdout.strip())
+    assert identity.user_id == "alice"
+    missing = runwatch("token", "--user", "alice", env={}, cwd=tmp_path)
+    assert missing.returncode == 2 and "RUNWATCH_JWT_SECRET" in missing.stderr
+    bad_user = runwatch(
+        "token", "--user", "no spaces", env={"RUNWATCH_JWT_SECRET": JWT_SECRET}, cwd=tmp_path
+    )
+    assert bad_user.returncode == 2
+
+
+def test_migrate_then_purge(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "rw.db")
+    out = runwatch("migrate", env={"RUNWATCH_DATABASE_URL": url}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert current_revision(url) == head_revision()
+    out = runwatch("purge", "--older-than", "30d", env={"RUNWATCH_DATABASE_URL": url}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "purged 0 runs" in out.stdout
+
+    async def count() -> int:
+        store = AuditStore.open(url)
+        try:
+            return len(await store.open_runs())
+        finally:
+            await store.close()
+
+    assert asyncio.run(count()) == 0
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
+    out = runwatch("token", "--user", "a", env={"RUNWATCH_RUN_TIMEOUT_S": "soon"}, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "RUNWATCH_RUN_TIMEOUT_S='soon'" in out.stderr
