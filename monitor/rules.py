@@ -117,7 +117,7 @@ class RuleConfig:
     delivery_slo_s: float = 1.0
     run_timeout_s: float = 300.0
     stuck_grace_s: float = 60.0
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = 10.0
 
 
 def _terminal(facts: RunFacts) -> Event | None:

@@ -163,7 +163,7 @@ def _run_info(row: Any) -> RunInfo:
     )
 
 
-def _event(row: Any) -> Event:
+def event_from_row(row: Any) -> Event:
     return Event(
         type=EventType(row.type),
         event_id=row.event_id,
@@ -177,10 +177,10 @@ def _event(row: Any) -> Event:
 
 
 def _stored(row: Any) -> StoredEvent:
-    return StoredEvent(_event(row), row.position, row.committed_us, bool(row.live))
+    return StoredEvent(event_from_row(row), row.position, row.committed_us, bool(row.live))
 
 
-def _receipt(row: Any) -> Receipt:
+def receipt_from_row(row: Any) -> Receipt:
     return Receipt(
         event_id=row.event_id,
         run_id=row.run_id,
@@ -372,7 +372,7 @@ class AuditStore:
                 .where(EventRow.run_id == run_id, EventRow.seq > after_seq)
                 .order_by(EventRow.seq, EventRow.position)
             )
-            return [_event(r) for r in res]
+            return [event_from_row(r) for r in res]
 
     async def stored_events(self, run_id: str) -> list[StoredEvent]:
         """A run's events in store order (position), with commit times and live flags."""
@@ -400,7 +400,7 @@ class AuditStore:
                 .where(DeliveryRow.run_id == run_id)
                 .order_by(DeliveryRow.seq, DeliveryRow.id)
             )
-            return [_receipt(r) for r in res]
+            return [receipt_from_row(r) for r in res]
 
     async def write(self, batch: Batch, committed_us: int) -> list[tuple[RunInfo, bool]]:
         """Write one group commit in one transaction; returns ``create_run`` results for

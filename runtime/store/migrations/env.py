@@ -7,6 +7,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
+import monitor.models  # noqa: F401  (the monitor tables share the metadata)
 from runtime.store.models import Base
 from runtime.store.recorder import make_engine
 
