@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
-    if with_runtime and settings.dev_mode:
+    if settings.dev_mode:
         if not is_loopback(args.host):
             print(
                 f"runwatch: refusing to start in dev mode on non-loopback address {args.host}: "
@@ -96,23 +96,27 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
             return 2
         log.warning(
             "DEV MODE: RUNWATCH_JWT_SECRET is not set. POST /dev/token hands out tokens for any "
-            "user and the monitor is open. Never expose this server."
+            "user and the monitor is open without RUNWATCH_ADMIN_TOKEN. Never expose this server."
         )
     if args.migrate:
         upgrade(settings.database_url)
-    agents = None
-    if getattr(args, "agent", None):
-        from .agents import AgentRegistry
+    rt = None
+    if with_runtime:
+        agents = None
+        if getattr(args, "agent", None):
+            from .agents import AgentRegistry
 
-        agents = AgentRegistry.with_builtins(args.agent)
-    rt = Runtime(settings, agents=agents)
-    app = create_app(rt)
-    import importlib.util
+            agents = AgentRegistry.with_builtins(args.agent)
+        rt = Runtime(settings, agents=agents)
+        app = create_app(rt)
+        if with_monitor:
+            from monitor.service import attach_monitor
 
-    if with_monitor and importlib.util.find_spec("monitor.service") is not None:
-        from monitor.service import attach_monitor
+            attach_monitor(app, rt)
+    else:
+        from monitor.service import create_monitor_app
 
-        attach_monitor(app, rt, run_checker=True, serve_runtime=with_runtime)
+        app = create_monitor_app(settings)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -126,8 +130,10 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    server = _GracefulServer(config, rt)
-    server.run()
+    if rt is not None:
+        _GracefulServer(config, rt).run()
+    else:
+        uvicorn.Server(config).run()
     return 0
 
 

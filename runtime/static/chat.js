@@ -1,295 +1,801 @@
-// runwatch chat page: plain JS, no framework, no network beyond this server.
-// Speaks the /ws protocol: connect, chat, ack, resume, cancel, ping; reconnects and resumes.
+// runwatch chat page: plain JavaScript, no framework, no build step, no network beyond this server.
+//
+// It speaks the /ws protocol (SPEC section 3): `connect` first, then `chat` → `run_accepted` and
+// the run's events; a cumulative `ack` per run shortly after each event (acks measure delivery
+// latency); `resume` of every unfinished run after a reconnect; `cancel`; `ping` every
+// `heartbeat_s`. Events are de-duplicated by (run_id, seq) and rendered strictly in seq order.
+//
+// Safety: everything the user or an agent typed is inserted with textContent, never innerHTML.
+//
+// Test hooks: window.runwatchChat = { socket(), dropSocket(offlineMs?), stats() }.
 "use strict";
+
 (function () {
+  const CLIENT_NAME = "runwatch-web/0.1";
+  const ACK_DELAY_MS = 20; // batch acks a little, but well inside the ~50 ms budget
+  const BACKOFF_MIN_MS = 250;
+  const BACKOFF_MAX_MS = 5000;
+  const TOO_MANY_CONNECTIONS_RETRY_MS = 20000; // 4429: retry slowly
+  const GAP_RESUME_MS = 2000; // a hole in seq for this long: ask the server to replay
+  const REMEMBERED_RUNS = 30; // runs of the current thread restored after a page reload
+  const USER_ID = /^[A-Za-z0-9_.@:+-]{1,128}$/;
+
   const $ = (id) => document.getElementById(id);
-  const state = {
-    socket: null,
-    token: null,
-    manualToken: null,
-    heartbeat: null,
-    backoff: 250,
-    threadId: localStorage.getItem("runwatch.thread") || null,
-    runs: new Map(), // run_id -> {card, lastSeq, pending: Map(seq->event), done, prompt}
-    pendingChats: new Map(), // client_msg_id -> {frame, card}
-    ackTimers: new Map(),
+  const ui = {
+    user: $("user"),
+    agent: $("agent"),
+    newChat: $("new-chat"),
+    status: $("conn-status"),
+    tokenBox: $("token-box"),
+    tokenReason: $("token-reason"),
+    token: $("token"),
+    useToken: $("use-token"),
+    notice: $("notice"),
+    runs: $("runs"),
+    hint: $("hint"),
+    composer: $("composer"),
+    message: $("message"),
   };
 
-  function setStatus(s, text) {
-    const el = $("conn-status");
-    el.dataset.state = s;
-    el.textContent = text || s;
-  }
+  // localStorage can throw (disabled storage, private modes): the page works without it.
+  const storage = {
+    get(key) {
+      try { return window.localStorage.getItem(key); } catch (e) { return null; }
+    },
+    set(key, value) {
+      try { window.localStorage.setItem(key, value); } catch (e) { /* not remembered */ }
+    },
+    remove(key) {
+      try { window.localStorage.removeItem(key); } catch (e) { /* nothing to forget */ }
+    },
+  };
 
-  function el(tag, cls, text) {
+  const state = {
+    user: "dev",
+    socket: null, // the current WebSocket, or null while disconnected
+    ready: false, // `connected` received on the current socket
+    everConnected: false,
+    attempt: 0, // bumps on every connect(); a stale async step sees it changed and stops
+    manualToken: null, // pasted by the user when /dev/token is 404
+    waitingForToken: false,
+    backoff: BACKOFF_MIN_MS,
+    retryTimer: null,
+    heartbeat: null,
+    lastFrameAt: 0,
+    offlineUntil: 0, // dropSocket(offlineMs): stay offline until then
+    threadId: null,
+    generation: 0, // bumps on "New chat"; a late run_accepted of an older chat keeps its thread
+    runs: new Map(), // run_id -> run (see newRun)
+    pending: new Map(), // client_msg_id -> {frame, view, generation, refused}
+    cancels: new Set(), // run ids whose cancel is not known to have reached a server
+    stats: { connects: 0, replayed: 0, duplicates: 0, events: 0 },
+  };
+
+  // ---- small helpers ----------------------------------------------------------------------------
+
+  function el(tag, className, text) {
     const node = document.createElement(tag);
-    if (cls) node.className = cls;
-    if (text !== undefined) node.textContent = text; // never innerHTML: user and agent text is data
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text); // data: never HTML
     return node;
   }
 
   function randomId() {
-    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
-    return String(Date.now()) + Math.random().toString(16).slice(2);
-  }
-
-  async function getToken() {
-    if (state.manualToken) return state.manualToken;
-    const user = $("user").value.trim() || "dev";
-    localStorage.setItem("runwatch.user", user);
-    const r = await fetch("/dev/token", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ user }),
-    });
-    if (r.status === 404) {
-      $("token-box").hidden = false;
-      throw new Error("no dev mode");
+    if (window.crypto && typeof window.crypto.randomUUID === "function") {
+      return window.crypto.randomUUID();
     }
-    if (!r.ok) throw new Error("token request failed: " + r.status);
-    return (await r.json()).token;
+    const bytes = new Uint8Array(16);
+    window.crypto.getRandomValues(bytes);
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
-  function send(frame) {
-    if (state.socket && state.socket.readyState === WebSocket.OPEN && state.socket.authed) {
-      state.socket.send(JSON.stringify(frame));
-      return true;
+  function shorten(text, max) {
+    const s = String(text);
+    return s.length > max ? s.slice(0, max - 1) + "…" : s;
+  }
+
+  function compactJson(value) {
+    if (value === undefined) return "";
+    if (typeof value === "string") return value;
+    try { return JSON.stringify(value); } catch (e) { return String(value); }
+  }
+
+  function formatMs(ms) {
+    const n = Number(ms);
+    if (!Number.isFinite(n)) return "";
+    if (n < 1000) return Math.round(n) + " ms";
+    if (n < 60000) return (n / 1000).toFixed(1) + " s";
+    return Math.floor(n / 60000) + " min " + Math.round((n % 60000) / 1000) + " s";
+  }
+
+  function setStatus(name, text) {
+    ui.status.dataset.state = name;
+    ui.status.textContent = text;
+  }
+
+  function showNotice(text) {
+    ui.notice.textContent = text || "";
+    ui.notice.hidden = !text;
+  }
+
+  function nearBottom() {
+    const doc = document.documentElement;
+    return window.innerHeight + window.scrollY >= doc.scrollHeight - 120;
+  }
+
+  function scrollToBottom() {
+    window.scrollTo(0, document.documentElement.scrollHeight);
+  }
+
+  function updateHint() {
+    ui.hint.hidden = ui.runs.querySelector("article.run") !== null;
+  }
+
+  // ---- the thread, remembered per user ----------------------------------------------------------
+
+  function threadKey() {
+    return "runwatch.thread." + state.user;
+  }
+
+  function loadThread() {
+    try {
+      const saved = JSON.parse(storage.get(threadKey()) || "null");
+      if (saved && typeof saved.thread_id === "string") {
+        const runs = Array.isArray(saved.runs) ? saved.runs.filter((r) => typeof r === "string") : [];
+        return { threadId: saved.thread_id, runs };
+      }
+    } catch (e) { /* a corrupt entry starts a new thread */ }
+    return { threadId: null, runs: [] };
+  }
+
+  function saveThread() {
+    if (!state.threadId) { storage.remove(threadKey()); return; }
+    const runs = [];
+    for (const run of state.runs.values()) {
+      if (run.threadId === state.threadId) runs.push(run.id);
     }
-    return false;
+    storage.set(threadKey(), JSON.stringify({ thread_id: state.threadId, runs: runs.slice(-REMEMBERED_RUNS) }));
   }
 
-  // ---- run cards --------------------------------------------------------------------
+  // ---- run cards --------------------------------------------------------------------------------
 
-  function runCard(runId, prompt) {
-    let run = state.runs.get(runId);
-    if (run) return run;
+  // A card's DOM. It exists before its run does: a chat shows at once, its run_id comes later.
+  function newView(promptText) {
     const card = el("article", "run");
-    card.dataset.runId = runId;
-    card.dataset.status = "running";
-    const head = el("header");
-    const title = el("span", "prompt", prompt || "(resumed run)");
-    const badge = el("span", "badge", "running");
+    card.dataset.status = "pending";
+    const head = el("header", "run-head");
+    const prompt = el("p", "prompt", promptText === null ? "…" : promptText);
+    const meta = el("span", "run-meta");
+    const badge = el("span", "badge", promptText === null ? "loading…" : "sending…");
     const cancel = el("button", "cancel", "Cancel");
     cancel.type = "button";
-    cancel.addEventListener("click", () => send({ type: "cancel", run_id: runId }));
-    head.append(title, badge, cancel);
+    cancel.hidden = true;
+    head.append(prompt, meta, badge, cancel);
     const timeline = el("ol", "timeline");
-    card.append(head, timeline);
-    $("runs").append(card);
-    run = { card, title, badge, cancel, timeline, lastSeq: 0, pending: new Map(), done: false, tools: new Map(), answer: null };
+    timeline.setAttribute("aria-live", "polite");
+    timeline.setAttribute("aria-label", "Run steps");
+    const answer = el("div", "final-report");
+    answer.hidden = true;
+    answer.setAttribute("aria-live", "polite");
+    const error = el("div", "error-box");
+    error.setAttribute("role", "alert");
+    error.hidden = true;
+    card.append(head, timeline, answer, error);
+    return { card, prompt, meta, badge, cancel, timeline, answer, error, promptKnown: promptText !== null };
+  }
+
+  function newRun(runId, view) {
+    const run = {
+      id: runId,
+      view,
+      threadId: null,
+      lastSeq: 0, // highest seq rendered; everything up to it is rendered exactly once
+      acked: 0,
+      buffer: new Map(), // seq -> event received ahead of a gap
+      tools: new Map(), // tool_call_id -> row
+      done: false,
+      restored: false,
+      ackTimer: null,
+      gapTimer: null,
+    };
+    view.card.dataset.runId = runId;
+    view.card.dataset.status = "running";
+    view.badge.textContent = "running";
+    view.cancel.hidden = false;
+    view.cancel.disabled = false;
+    view.cancel.setAttribute("aria-label", "Cancel this run");
+    view.cancel.onclick = () => requestCancel(run);
     state.runs.set(runId, run);
     return run;
   }
 
-  function finish(run, status, label) {
+  // The run for an event or a listed run we have no card for yet (another tab, a reload).
+  function ensureRun(runId) {
+    let run = state.runs.get(runId);
+    if (!run) {
+      const view = newView(null);
+      ui.runs.append(view.card);
+      updateHint();
+      run = newRun(runId, view);
+    }
+    return run;
+  }
+
+  function setThread(run, threadId) {
+    run.threadId = threadId;
+    run.view.card.dataset.threadId = threadId;
+  }
+
+  function finish(run, status, badgeText) {
     run.done = true;
-    run.card.dataset.status = status;
-    run.badge.textContent = label;
-    run.cancel.remove();
+    run.view.card.dataset.status = status;
+    run.view.badge.textContent = badgeText;
+    run.view.cancel.hidden = true;
+    state.cancels.delete(run.id);
+    clearTimeout(run.gapTimer);
+    run.gapTimer = null;
+    run.buffer.clear();
+  }
+
+  function showRunError(view, text) {
+    view.error.textContent = text;
+    view.error.hidden = false;
+  }
+
+  function answer(run) {
+    run.view.answer.hidden = false;
+    return run.view.answer;
   }
 
   function render(run, ev) {
-    const d = ev.data || {};
+    const d = ev.data && typeof ev.data === "object" ? ev.data : {};
+    const view = run.view;
+    if (ev.thread_id && !run.threadId) setThread(run, ev.thread_id);
+    if (ev.agent) view.meta.textContent = ev.agent;
     switch (ev.type) {
       case "agent_started":
-        if (d.input && run.title.textContent === "(resumed run)") run.title.textContent = d.input;
+        if (!view.promptKnown && typeof d.input === "string") {
+          view.prompt.textContent = d.input;
+          view.promptKnown = true;
+        }
         break;
       case "agent_thinking": {
         const li = el("li", "thinking", d.text);
         li.dataset.step = d.step;
-        run.timeline.append(li);
+        li.title = ev.ts || "";
+        view.timeline.append(li);
         break;
       }
       case "tool_executing": {
         const li = el("li", "tool");
         li.dataset.toolCallId = d.tool_call_id;
         li.dataset.status = "running";
-        const args = JSON.stringify(d.args || {});
-        li.append(el("span", "name", d.tool), el("span", "args", args.length > 80 ? args.slice(0, 80) + "…" : args), el("span", "state", "running"));
+        li.title = ev.ts || "";
+        const icon = el("span", "tool-icon");
+        icon.setAttribute("aria-hidden", "true");
+        li.append(
+          icon,
+          el("code", "tool-name", d.tool),
+          el("span", "tool-args", shorten(compactJson(d.args || {}), 80)),
+          el("span", "tool-state", "running…"),
+        );
         run.tools.set(d.tool_call_id, li);
-        run.timeline.append(li);
+        view.timeline.append(li);
         break;
       }
       case "tool_completed": {
-        const li = run.tools.get(d.tool_call_id) || el("li", "tool");
-        li.dataset.status = d.status;
-        const st = li.querySelector(".state") || li.appendChild(el("span", "state"));
-        if (d.status === "ok") {
-          const res = JSON.stringify(d.result);
-          st.textContent = "done in " + d.duration_ms + " ms" + (res ? ": " + (res.length > 100 ? res.slice(0, 100) + "…" : res) : "");
-        } else {
-          st.textContent = "failed: " + (d.error || "error");
+        let li = run.tools.get(d.tool_call_id);
+        if (!li) { // I4 says this cannot happen; show it anyway rather than drop it
+          li = el("li", "tool");
+          li.dataset.toolCallId = d.tool_call_id;
+          li.append(el("span", "tool-icon"), el("code", "tool-name", d.tool), el("span", "tool-state"));
+          view.timeline.append(li);
         }
+        const ok = d.status === "ok";
+        li.dataset.status = ok ? "ok" : "error";
+        const when = formatMs(d.duration_ms);
+        li.querySelector(".tool-state").textContent = ok ? "done" + (when ? " in " + when : "") : "failed" + (when ? " after " + when : "");
+        const detail = ok ? compactJson(d.result) : (d.error || "error");
+        if (detail) li.append(el("span", ok ? "tool-result" : "tool-error", shorten(detail, 160)));
         break;
       }
       case "text_delta":
-        if (!run.answer) { run.answer = el("p", "final-report", ""); run.card.append(run.answer); }
-        run.answer.textContent += d.text;
+        answer(run).textContent += typeof d.text === "string" ? d.text : "";
+        view.answer.dataset.streaming = "true";
         break;
       case "final_report":
-        if (!run.answer) { run.answer = el("p", "final-report", ""); run.card.append(run.answer); }
-        run.answer.textContent = d.text;
+        answer(run).textContent = typeof d.text === "string" ? d.text : compactJson(d.text);
+        delete view.answer.dataset.streaming;
         break;
       case "agent_completed":
-        finish(run, "completed", "done in " + Math.round(d.duration_ms) + " ms");
+        finish(run, "completed", "done" + (formatMs(d.duration_ms) ? " · " + formatMs(d.duration_ms) : ""));
         break;
       case "agent_error": {
-        const status = d.code === "cancelled" ? "cancelled" : "error";
-        run.card.append(el("p", "error-box", d.code + ": " + d.message + (d.retryable ? " (retryable)" : "")));
-        finish(run, status, d.code);
+        const cancelled = d.code === "cancelled";
+        finish(run, cancelled ? "cancelled" : "error", cancelled ? "cancelled" : "error");
+        delete view.answer.dataset.streaming;
+        showRunError(view, (cancelled ? "Cancelled" : "Error " + d.code) + ": " + (d.message || "") +
+          (d.retryable ? " (you can try again)" : ""));
+        if (d.retryable && view.promptKnown) {
+          const again = el("button", "retry", "Ask again");
+          again.type = "button";
+          again.addEventListener("click", () => { again.disabled = true; sendChat(view.prompt.textContent); });
+          view.error.append(" ", again);
+        }
         break;
       }
+      default:
+        break; // an event type this page does not know: counted and acked, not shown
     }
   }
 
   function onEvent(ev) {
-    const run = runCard(ev.run_id);
-    if (ev.seq <= run.lastSeq || run.pending.has(ev.seq)) return; // duplicate: (run_id, seq)
-    run.pending.set(ev.seq, ev);
-    while (run.pending.has(run.lastSeq + 1)) {
-      const next = run.pending.get(run.lastSeq + 1);
-      run.pending.delete(run.lastSeq + 1);
+    state.stats.events += 1;
+    const run = ensureRun(ev.run_id);
+    if (ev.seq <= run.lastSeq || run.buffer.has(ev.seq)) {
+      state.stats.duplicates += 1; // at-least-once delivery: (run_id, seq) seen already
+      return;
+    }
+    run.buffer.set(ev.seq, ev);
+    const stick = nearBottom();
+    while (run.buffer.has(run.lastSeq + 1)) {
+      const next = run.buffer.get(run.lastSeq + 1);
+      run.buffer.delete(next.seq);
       run.lastSeq = next.seq;
       render(run, next);
+      if (run.done) break;
     }
-    scheduleAck(ev.run_id);
-    window.scrollTo(0, document.body.scrollHeight);
+    watchGap(run);
+    scheduleAck(run);
+    if (stick) scrollToBottom();
   }
 
-  function scheduleAck(runId) {
-    if (state.ackTimers.has(runId)) return;
-    state.ackTimers.set(runId, setTimeout(() => {
-      state.ackTimers.delete(runId);
-      const run = state.runs.get(runId);
-      if (run && run.lastSeq > 0) send({ type: "ack", run_id: runId, seq: run.lastSeq });
-    }, 20));
+  // Events arrive in order per connection; a hole that lasts means we missed some: replay them.
+  function watchGap(run) {
+    if (run.done || run.buffer.size === 0) {
+      clearTimeout(run.gapTimer);
+      run.gapTimer = null;
+      return;
+    }
+    if (run.gapTimer) return;
+    run.gapTimer = setTimeout(() => {
+      run.gapTimer = null;
+      if (!run.done && run.buffer.size > 0) {
+        send({ type: "resume", run_id: run.id, after_seq: run.lastSeq });
+        watchGap(run);
+      }
+    }, GAP_RESUME_MS);
   }
 
-  // ---- the socket -------------------------------------------------------------------
+  function scheduleAck(run) {
+    if (run.ackTimer || run.lastSeq <= run.acked) return;
+    run.ackTimer = setTimeout(() => {
+      run.ackTimer = null;
+      if (run.lastSeq > run.acked && send({ type: "ack", run_id: run.id, seq: run.lastSeq })) {
+        run.acked = run.lastSeq;
+      }
+    }, ACK_DELAY_MS);
+  }
+
+  function requestCancel(run) {
+    if (run.done) return;
+    state.cancels.add(run.id);
+    run.view.cancel.disabled = true;
+    run.view.cancel.textContent = "Cancelling…";
+    send({ type: "cancel", run_id: run.id }); // if offline, sent again after the reconnect
+  }
+
+  // ---- chats ------------------------------------------------------------------------------------
+
+  function sendChat(text) {
+    const frame = { type: "chat", text, client_msg_id: randomId(), agent: ui.agent.value || "demo" };
+    if (state.threadId) frame.thread_id = state.threadId;
+    const view = newView(text);
+    const stick = nearBottom();
+    ui.runs.append(view.card);
+    updateHint();
+    state.pending.set(frame.client_msg_id, { frame, view, generation: state.generation, refused: false });
+    send(frame); // when offline it goes out after the reconnect, with the same client_msg_id
+    if (stick) scrollToBottom();
+  }
+
+  function onAccepted(frame) {
+    const pending = state.pending.get(frame.client_msg_id);
+    state.pending.delete(frame.client_msg_id);
+    if (pending && pending.generation === state.generation && frame.thread_id) {
+      state.threadId = frame.thread_id; // later chats continue this thread
+    }
+    let run = state.runs.get(frame.run_id);
+    if (run) {
+      // Already shown (its events or `active_runs` came first): keep one card, where the chat was.
+      if (pending) {
+        if (pending.view.card.isConnected) pending.view.card.replaceWith(run.view.card);
+        if (!run.view.promptKnown) {
+          run.view.prompt.textContent = pending.frame.text;
+          run.view.promptKnown = true;
+        }
+      }
+    } else {
+      const view = pending ? pending.view : newView(null);
+      if (!view.card.isConnected && !pending) ui.runs.append(view.card);
+      run = newRun(frame.run_id, view);
+    }
+    if (frame.thread_id) setThread(run, frame.thread_id);
+    saveThread();
+  }
+
+  function showRefused(pending, frame) {
+    pending.refused = true;
+    const view = pending.view;
+    view.card.dataset.status = "error";
+    view.badge.textContent = "not sent";
+    view.error.replaceChildren();
+    showRunError(view, frame.code + ": " + (frame.message || ""));
+    const retry = el("button", "retry", "Retry");
+    retry.type = "button";
+    retry.addEventListener("click", () => {
+      // A refused chat does not use up its client_msg_id: retry with the same one.
+      pending.refused = false;
+      view.card.dataset.status = "pending";
+      view.badge.textContent = "sending…";
+      view.error.hidden = true;
+      send(pending.frame);
+    });
+    view.error.append(" ", retry);
+  }
+
+  function onError(frame) {
+    const ref = typeof frame.ref === "string" ? frame.ref : null;
+    const pending = ref && state.pending.get(ref);
+    if (pending) {
+      if (frame.code === "not_found" && pending.frame.thread_id) {
+        // The thread is gone or belongs to someone else: start a new one and send again.
+        state.pending.delete(ref);
+        if (state.threadId === pending.frame.thread_id) {
+          state.threadId = null;
+          saveThread();
+        }
+        const frameAgain = Object.assign({}, pending.frame, { client_msg_id: randomId() });
+        delete frameAgain.thread_id;
+        pending.frame = frameAgain;
+        state.pending.set(frameAgain.client_msg_id, pending);
+        send(frameAgain);
+        return;
+      }
+      showRefused(pending, frame);
+      return;
+    }
+    const run = ref && state.runs.get(ref);
+    if (run) {
+      if (frame.code === "not_found") {
+        if (run.restored && run.lastSeq === 0) {
+          // A remembered run that retention has purged: forget it quietly.
+          run.view.card.remove();
+          state.runs.delete(run.id);
+          saveThread();
+          updateHint();
+        } else if (!run.done) {
+          finish(run, "error", "error");
+          showRunError(run.view, "not_found: " + (frame.message || "no such run"));
+        }
+      }
+      return;
+    }
+    showNotice("Server says " + frame.code + ": " + (frame.message || ""));
+  }
+
+  // ---- the socket -------------------------------------------------------------------------------
+
+  function send(frame) {
+    const ws = state.socket;
+    if (ws && state.ready && ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  }
+
+  class TokenError extends Error {
+    constructor(kind, message) {
+      super(message);
+      this.kind = kind;
+    }
+  }
+
+  async function getToken() {
+    if (state.manualToken) return state.manualToken;
+    let response;
+    try {
+      response = await fetch("/dev/token", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ user: state.user }),
+        cache: "no-store",
+      });
+    } catch (e) {
+      throw new TokenError("network", "server unreachable");
+    }
+    if (response.status === 404) throw new TokenError("no-dev-mode", "not in dev mode");
+    if (response.status === 400) throw new TokenError("bad-user", "invalid user name");
+    if (!response.ok) throw new TokenError("network", "token request failed: " + response.status);
+    const body = await response.json();
+    if (!body || typeof body.token !== "string") throw new TokenError("network", "bad token response");
+    return body.token;
+  }
+
+  function askForToken(message) {
+    state.waitingForToken = true;
+    ui.tokenReason.textContent = message;
+    ui.tokenBox.hidden = false;
+    setStatus("offline", "token needed");
+    ui.token.focus();
+  }
 
   async function connect() {
-    setStatus(state.socket ? "reconnecting" : "connecting", state.socket ? "reconnecting…" : "connecting…");
+    clearTimeout(state.retryTimer);
+    state.retryTimer = null;
+    if (state.waitingForToken) return;
+    const attempt = ++state.attempt;
+    setStatus(state.everConnected ? "reconnecting" : "connecting",
+      state.everConnected ? "reconnecting…" : "connecting…");
     let token;
     try {
       token = await getToken();
     } catch (e) {
-      if (String(e.message) === "no dev mode" && !state.manualToken) { setStatus("offline", "token needed"); return; }
-      return retry();
-    }
-    const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(proto + "//" + location.host + "/ws");
-    state.socket = ws;
-    ws.authed = false;
-    ws.onopen = () => ws.send(JSON.stringify({ type: "connect", token, client: "runwatch-web/0.1" }));
-    ws.onmessage = (msg) => {
-      let frame;
-      try { frame = JSON.parse(msg.data); } catch (e) { return; }
-      if (frame.type === "connected") return onConnected(ws, frame);
-      if (frame.type === "run_accepted") return onAccepted(frame);
-      if (frame.type === "error") return onError(frame);
-      if (frame.type === "pong" || frame.type === "resumed") return;
-      if (typeof frame.seq === "number") onEvent(frame);
-    };
-    ws.onclose = (e) => {
-      if (state.socket !== ws) return;
-      ws.authed = false;
-      clearInterval(state.heartbeat);
-      if (e.code === 4429) { setStatus("offline", "too many tabs open"); state.backoff = 5000; }
-      retry();
-    };
-  }
-
-  function retry() {
-    setStatus("reconnecting", "reconnecting…");
-    const delay = state.backoff * (0.5 + Math.random());
-    state.backoff = Math.min(state.backoff * 2, 5000);
-    setTimeout(connect, delay);
-  }
-
-  function onConnected(ws, frame) {
-    ws.authed = true;
-    state.backoff = 250;
-    setStatus("connected", "connected as " + frame.user_id);
-    clearInterval(state.heartbeat);
-    state.heartbeat = setInterval(() => send({ type: "ping" }), (frame.heartbeat_s || 20) * 1000);
-    // Resume every run we know that has not ended, then every active run we do not know.
-    for (const [runId, run] of state.runs) {
-      if (!run.done) send({ type: "resume", run_id: runId, after_seq: run.lastSeq });
-    }
-    for (const active of frame.active_runs || []) {
-      if (!state.runs.has(active.run_id)) {
-        runCard(active.run_id);
-        send({ type: "resume", run_id: active.run_id, after_seq: 0 });
+      if (attempt !== state.attempt) return;
+      if (e.kind === "no-dev-mode") {
+        askForToken("This server is not in dev mode.");
+      } else if (e.kind === "bad-user") {
+        ui.user.setAttribute("aria-invalid", "true");
+        setStatus("offline", "invalid user name");
+      } else {
+        scheduleReconnect();
       }
-    }
-    // Chats never accepted: same client_msg_id, so the server starts nothing twice.
-    for (const pending of state.pendingChats.values()) send(pending.frame);
-  }
-
-  function onAccepted(frame) {
-    const pending = state.pendingChats.get(frame.client_msg_id);
-    state.pendingChats.delete(frame.client_msg_id);
-    state.threadId = frame.thread_id;
-    localStorage.setItem("runwatch.thread", frame.thread_id);
-    const run = runCard(frame.run_id, pending ? pending.frame.text : undefined);
-    if (pending && pending.placeholder) pending.placeholder.replaceWith(run.card);
-  }
-
-  function onError(frame) {
-    const pending = frame.ref && state.pendingChats.get(frame.ref);
-    if (pending) {
-      state.pendingChats.delete(frame.ref);
-      if (pending.placeholder) {
-        pending.placeholder.dataset.status = "error";
-        pending.placeholder.append(el("p", "error-box", frame.code + ": " + frame.message));
-      }
-      if (frame.code === "not_found") { state.threadId = null; localStorage.removeItem("runwatch.thread"); }
       return;
     }
-    if (frame.ref && state.runs.has(frame.ref) && frame.code === "not_found") {
-      finish(state.runs.get(frame.ref), "error", "not found");
+    if (attempt !== state.attempt) return; // superseded while the token was on its way
+
+    const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+    let ws;
+    try {
+      ws = new WebSocket(scheme + "//" + window.location.host + "/ws");
+    } catch (e) {
+      scheduleReconnect();
+      return;
+    }
+    state.socket = ws;
+    state.ready = false;
+    ws.onopen = () => {
+      // The first frame, always: the server refuses anything before it (4401).
+      ws.send(JSON.stringify({ type: "connect", token, client: CLIENT_NAME }));
+    };
+    ws.onmessage = (message) => {
+      if (state.socket !== ws) return;
+      state.lastFrameAt = Date.now();
+      let frame;
+      try { frame = JSON.parse(message.data); } catch (e) { return; }
+      if (frame && typeof frame === "object") onFrame(frame);
+    };
+    ws.onclose = (e) => {
+      if (state.socket === ws) socketLost(e.code);
+    };
+  }
+
+  function onFrame(frame) {
+    switch (frame.type) {
+      case "connected": onConnected(frame); break;
+      case "run_accepted": onAccepted(frame); break;
+      case "resumed": state.stats.replayed += Number(frame.replayed) || 0; break;
+      case "error": onError(frame); break;
+      case "pong": break;
+      default:
+        if (typeof frame.run_id === "string" && Number.isInteger(frame.seq)) onEvent(frame);
     }
   }
 
-  function sendChat(text) {
-    const frame = { type: "chat", text, client_msg_id: randomId(), agent: $("agent").value };
-    if (state.threadId) frame.thread_id = state.threadId;
-    const placeholder = el("article", "run");
-    placeholder.dataset.status = "sending";
-    placeholder.append(el("header", "", ""), el("span", "prompt", text));
-    $("runs").append(placeholder);
-    state.pendingChats.set(frame.client_msg_id, { frame, placeholder });
-    send(frame); // if the socket is down, it is sent after the reconnect
+  function onConnected(frame) {
+    state.ready = true;
+    state.everConnected = true;
+    state.backoff = BACKOFF_MIN_MS;
+    state.stats.connects += 1;
+    ui.user.removeAttribute("aria-invalid");
+    showNotice("");
+    setStatus("connected", "connected as " + frame.user_id);
+
+    clearInterval(state.heartbeat);
+    const every = Math.max(1, Number(frame.heartbeat_s) || 20) * 1000;
+    state.heartbeat = setInterval(() => {
+      if (Date.now() - state.lastFrameAt > 2 * every + 5000) {
+        dropSocket(0); // nothing heard, not even a pong: the connection is dead
+      } else {
+        send({ type: "ping" });
+      }
+    }, every);
+
+    // 1. Every run we know that has not ended: replay from the last seq we rendered.
+    for (const run of state.runs.values()) {
+      if (!run.done) send({ type: "resume", run_id: run.id, after_seq: run.lastSeq });
+    }
+    // 2. Runs the server lists that we do not know (a reload, a run_accepted lost in a drop).
+    const active = Array.isArray(frame.active_runs) ? frame.active_runs.slice().reverse() : [];
+    for (const item of active) { // oldest first, so cards keep their order
+      if (!item || typeof item.run_id !== "string") continue;
+      const known = state.runs.get(item.run_id);
+      if (!known) {
+        const run = ensureRun(item.run_id);
+        send({ type: "resume", run_id: run.id, after_seq: 0 });
+      } else if (known.done && known.lastSeq > 0) {
+        send({ type: "ack", run_id: known.id, seq: known.lastSeq }); // our last ack was lost
+        known.acked = known.lastSeq;
+      }
+    }
+    // 3. Chats never accepted: the same client_msg_id, so the server never starts one twice.
+    for (const pending of state.pending.values()) {
+      if (!pending.refused) send(pending.frame);
+    }
+    // 4. Cancels clicked while offline.
+    for (const runId of state.cancels) {
+      const run = state.runs.get(runId);
+      if (run && !run.done) send({ type: "cancel", run_id: runId });
+    }
   }
 
-  $("composer").addEventListener("submit", (e) => {
+  function socketLost(code) {
+    state.socket = null;
+    state.ready = false;
+    clearInterval(state.heartbeat);
+    state.heartbeat = null;
+    if (code === 4401 && state.manualToken) {
+      state.manualToken = null;
+      askForToken("The token was refused or has expired.");
+      return;
+    }
+    // 4401 in dev mode: the next attempt fetches a fresh token.
+    if (code === 4429) {
+      const delay = TOO_MANY_CONNECTIONS_RETRY_MS * (0.75 + Math.random() / 2);
+      setStatus("reconnecting", "too many connections: retrying in " + Math.round(delay / 1000) + " s");
+      showNotice("Too many open connections for this user (close other tabs). Retrying slowly.");
+      scheduleReconnect(delay, true);
+      return;
+    }
+    scheduleReconnect();
+  }
+
+  function scheduleReconnect(fixedDelay, keepStatus) {
+    clearTimeout(state.retryTimer);
+    if (!keepStatus) setStatus("reconnecting", "reconnecting…");
+    // Exponential backoff with jitter, capped, so a restarting server is not stampeded.
+    let delay = fixedDelay !== undefined ? fixedDelay : state.backoff * (0.5 + Math.random() / 2);
+    if (fixedDelay === undefined) state.backoff = Math.min(state.backoff * 2, BACKOFF_MAX_MS);
+    delay = Math.max(delay, state.offlineUntil - Date.now());
+    state.retryTimer = setTimeout(connect, delay);
+  }
+
+  // Close the socket as a network drop would: no goodbye expected, reconnect and resume.
+  function dropSocket(offlineMs) {
+    const ws = state.socket;
+    state.offlineUntil = Date.now() + (Number(offlineMs) || 0);
+    if (!ws) return;
+    state.socket = null; // its late frames and close event are ignored from now on
+    try { ws.close(4000, "connection dropped"); } catch (e) { /* already closed */ }
+    socketLost(1006);
+  }
+
+  // A fresh start: new user, or a pasted token.
+  function reconnectNow() {
+    const ws = state.socket;
+    state.socket = null;
+    state.ready = false;
+    clearInterval(state.heartbeat);
+    if (ws) {
+      try { ws.close(1000, "reconnecting"); } catch (e) { /* already closed */ }
+    }
+    state.backoff = BACKOFF_MIN_MS;
+    state.offlineUntil = 0;
+    connect();
+  }
+
+  // ---- page state -------------------------------------------------------------------------------
+
+  function clearConversation() {
+    // Runs stay known (their events are still de-duplicated and acked); their cards leave the page.
+    state.generation += 1;
+    state.threadId = null;
+    for (const card of ui.runs.querySelectorAll("article.run")) card.remove();
+    for (const pending of state.pending.values()) pending.view.card.remove();
+    updateHint();
+    saveThread();
+  }
+
+  function startAsUser(user) {
+    for (const run of state.runs.values()) {
+      clearTimeout(run.ackTimer);
+      clearTimeout(run.gapTimer);
+    }
+    state.runs.clear();
+    state.pending.clear();
+    state.cancels.clear();
+    for (const card of ui.runs.querySelectorAll("article.run")) card.remove();
+    state.user = user;
+    state.generation += 1;
+    const saved = loadThread();
+    state.threadId = saved.threadId;
+    // The thread's runs, replayed from the audit store once connected (resume from seq 0).
+    for (const runId of saved.runs) {
+      const run = ensureRun(runId);
+      run.restored = true;
+      setThread(run, saved.threadId);
+    }
+    updateHint();
+  }
+
+  ui.composer.addEventListener("submit", (e) => {
     e.preventDefault();
-    const text = $("message").value.trim();
+    const text = ui.message.value.trim();
     if (!text) return;
-    $("message").value = "";
+    ui.message.value = "";
+    autoGrow();
     sendChat(text);
   });
-  $("new-chat").addEventListener("click", () => {
-    state.threadId = null;
-    localStorage.removeItem("runwatch.thread");
-    $("runs").replaceChildren();
-    state.runs.clear();
+
+  ui.message.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      ui.composer.requestSubmit();
+    }
   });
-  $("user").value = localStorage.getItem("runwatch.user") || "dev";
-  $("user").addEventListener("change", () => {
-    state.threadId = null;
-    localStorage.removeItem("runwatch.thread");
-    if (state.socket) state.socket.close(1000);
+
+  function autoGrow() {
+    ui.message.style.height = "auto";
+    ui.message.style.height = Math.min(ui.message.scrollHeight, 200) + "px";
+  }
+  ui.message.addEventListener("input", autoGrow);
+
+  ui.newChat.addEventListener("click", () => {
+    clearConversation();
+    ui.message.focus();
   });
-  $("use-token").addEventListener("click", () => {
-    state.manualToken = $("token").value.trim();
-    $("token-box").hidden = true;
-    connect();
+
+  ui.agent.value = storage.get("runwatch.agent") === "llm" ? "llm" : "demo";
+  ui.agent.addEventListener("change", () => storage.set("runwatch.agent", ui.agent.value));
+
+  ui.user.addEventListener("change", () => {
+    const user = ui.user.value.trim() || "dev";
+    if (!USER_ID.test(user)) {
+      ui.user.setAttribute("aria-invalid", "true");
+      return;
+    }
+    ui.user.removeAttribute("aria-invalid");
+    ui.user.value = user;
+    if (user === state.user) return;
+    storage.set("runwatch.user", user);
+    startAsUser(user);
+    reconnectNow();
+  });
+
+  ui.useToken.addEventListener("click", () => {
+    const token = ui.token.value.trim();
+    if (!token) { ui.token.focus(); return; }
+    state.manualToken = token;
+    state.waitingForToken = false;
+    ui.token.value = "";
+    ui.tokenBox.hidden = true;
+    reconnectNow();
+  });
+
+  window.addEventListener("online", () => {
+    if (!state.socket && state.retryTimer) connect(); // the network is back: do not wait out the backoff
   });
 
   window.runwatchChat = {
     socket: () => state.socket,
-    dropSocket: () => { if (state.socket) state.socket.close(4000, "dropped by test"); },
+    dropSocket: (offlineMs) => dropSocket(offlineMs),
+    stats: () => Object.assign({ runs: state.runs.size, pending: state.pending.size }, state.stats),
   };
+
+  const savedUser = storage.get("runwatch.user");
+  const firstUser = savedUser && USER_ID.test(savedUser) ? savedUser : "dev";
+  ui.user.value = firstUser;
+  startAsUser(firstUser);
   connect();
 })();

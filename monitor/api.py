@@ -1,0 +1,197 @@
+"""The monitor's JSON API under ``/api/`` and its admin authentication.
+
+Auth: ``RUNWATCH_ADMIN_TOKEN`` as ``Authorization: Bearer <token>``, or the session cookie the
+login form sets (an HMAC of the token, never the token itself). In dev mode (no
+``RUNWATCH_JWT_SECRET``) with no admin token the monitor is open. Outside dev mode with no admin
+token configured, the monitor refuses every request with 503 rather than run open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, Field
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from runtime.config import Settings
+from runtime.events import parse_ts
+from runtime.store.recorder import AuditStore
+
+from .queries import RunFilter, list_runs, list_violations, run_detail, slo_figures
+
+__all__ = ["COOKIE", "MonitorAuth", "build_api"]
+
+COOKIE = "runwatch_monitor"
+
+RuleName = Literal[
+    "started",
+    "sequence",
+    "terminal",
+    "thinking",
+    "final_report",
+    "tool_pairing",
+    "persisted",
+    "isolation",
+    "stuck",
+    "delivery_slo",
+]
+
+
+class MonitorAuth:
+    def __init__(self, settings: Settings) -> None:
+        self.token = settings.admin_token
+        self.open = settings.dev_mode and not settings.admin_token
+        self.misconfigured = not settings.dev_mode and not settings.admin_token
+
+    def session_value(self) -> str:
+        assert self.token is not None
+        return hmac.new(
+            self.token.encode(), b"runwatch-monitor-session", hashlib.sha256
+        ).hexdigest()
+
+    def check_token(self, candidate: str) -> bool:
+        return self.token is not None and hmac.compare_digest(
+            candidate.encode(), self.token.encode()
+        )
+
+    def allowed(self, request: Request) -> bool:
+        if self.open:
+            return True
+        if self.token is None:
+            return False
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer ") and self.check_token(header[7:].strip()):
+            return True
+        cookie = request.cookies.get(COOKIE, "")
+        return bool(cookie) and hmac.compare_digest(cookie, self.session_value())
+
+    def require_api(self, request: Request) -> None:
+        if self.misconfigured:
+            raise HTTPException(503, "the monitor needs RUNWATCH_ADMIN_TOKEN outside dev mode")
+        if not self.allowed(request):
+            raise HTTPException(401, "admin token required", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    store: AuditStore = request.app.state.monitor_store
+    async with store.engine.connect() as c:
+        yield c
+
+
+Conn = Annotated[AsyncConnection, Depends(_connection)]
+
+
+class Page(BaseModel):
+    items: list[dict[str, Any]]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page")
+
+
+class RunDetail(BaseModel):
+    run: dict[str, Any]
+    verdict: dict[str, Any] | None
+    events: list[dict[str, Any]]
+    receipts: list[dict[str, Any]]
+    violations: list[dict[str, Any]]
+
+
+class SloWindow(BaseModel):
+    window_s: float
+    delivery: dict[str, Any]
+    completeness: dict[str, Any]
+    persistence: dict[str, Any]
+    open_runs: int
+    stuck_runs: int
+
+
+class Slo(BaseModel):
+    hour: SloWindow
+    day: SloWindow
+
+
+def _ts_param(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_ts(value)
+    except ValueError:
+        raise HTTPException(
+            422, f"{name}: expected RFC 3339 UTC like 2026-11-22T10:00:00.000000Z"
+        ) from None
+
+
+def build_api(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRouter:
+    router = APIRouter(prefix="/api", tags=["monitor"], dependencies=[Depends(auth.require_api)])
+
+    _ = store  # reached through request.app.state.monitor_store (see _connection)
+
+    @router.get("/runs", response_model=Page, summary="Judged runs, failures first")
+    async def runs(
+        c: Conn,
+        verdict: Literal["pass", "fail"] | None = None,
+        agent: Annotated[str | None, Query(max_length=200)] = None,
+        user: Annotated[str | None, Query(max_length=200)] = None,
+        rule: RuleName | None = None,
+        state: Literal["ended", "stuck"] | None = None,
+        since: Annotated[str | None, Query(description="RFC 3339 UTC")] = None,
+        until: Annotated[str | None, Query(description="RFC 3339 UTC")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[
+            str | None, Query(max_length=300, pattern=r"^[01]:\d{1,20}:[0-9A-Za-z]{1,64}$")
+        ] = None,
+    ) -> Page:
+        f = RunFilter(
+            verdict=verdict,
+            agent=agent,
+            user=user,
+            rule=rule,
+            state=state,
+            since_us=_ts_param(since, "since"),
+            until_us=_ts_param(until, "until"),
+        )
+        items, nxt = await list_runs(c, f, limit=limit, cursor=cursor)
+        return Page(items=items, next_cursor=nxt)
+
+    @router.get(
+        "/runs/{run_id}", response_model=RunDetail, summary="One run: events, receipts, violations"
+    )
+    async def run(c: Conn, run_id: str) -> RunDetail:
+        detail = await run_detail(c, run_id) if len(run_id) <= 64 else None
+        if detail is None:
+            raise HTTPException(404, "no such run")
+        return RunDetail(**detail)
+
+    @router.get("/violations", response_model=Page, summary="Violations, newest first")
+    async def violations(
+        c: Conn,
+        rule: RuleName | None = None,
+        since: Annotated[str | None, Query(description="RFC 3339 UTC")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(max_length=20, pattern=r"^\d{1,18}$")] = None,
+    ) -> Page:
+        items, nxt = await list_violations(
+            c,
+            rule=rule,
+            since_us=_ts_param(since, "since"),
+            limit=limit,
+            before_id=int(cursor) if cursor else None,
+        )
+        return Page(items=items, next_cursor=str(nxt) if nxt is not None else None)
+
+    @router.get("/slo", response_model=Slo, summary="SLO figures over the last hour and day")
+    async def slo(c: Conn) -> Slo:
+        now = time.time_ns() // 1000
+        windows = {}
+        for name, seconds in (("hour", 3600.0), ("day", 86400.0)):
+            windows[name] = SloWindow(
+                **await slo_figures(
+                    c, now_us=now, window_s=seconds, delivery_slo_s=settings.delivery_slo_s
+                )
+            )
+        return Slo(**windows)
+
+    return router

@@ -1,0 +1,96 @@
+"""Wiring the monitor into an app: inside ``runwatch serve`` or alone as ``runwatch monitor``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from runtime import __version__
+from runtime.config import Settings
+from runtime.store.recorder import AuditStore
+
+from .api import MonitorAuth, build_api
+from .check import rule_config
+from .checker import Checker, CheckerConfig
+from .metrics import MonitorMetrics
+from .web import build_web
+
+if TYPE_CHECKING:
+    from runtime.server import Runtime
+
+__all__ = ["attach_monitor", "create_monitor_app"]
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def _mount(app: FastAPI, store: AuditStore, settings: Settings) -> None:
+    auth = MonitorAuth(settings)
+    app.state.monitor_store = store
+    app.include_router(build_api(store, settings, auth))
+    app.include_router(build_web(store, settings, auth))
+    app.mount("/monitor/static", StaticFiles(directory=STATIC), name="monitor-static")
+
+
+def _checker(store: AuditStore, registry: CollectorRegistry, settings: Settings) -> Checker:
+    return Checker(store, MonitorMetrics(registry), CheckerConfig(rules=rule_config(settings)))
+
+
+def attach_monitor(app: FastAPI, rt: Runtime) -> Checker:
+    """Mount the API and UI on the runtime's app; the checker runs with the runtime."""
+    _mount(app, rt.store, rt.settings)
+    checker = _checker(rt.store, rt.registry, rt.settings)
+
+    async def start() -> None:
+        checker.start(rt.settings.monitor_interval_s)
+
+    rt.on_start.append(start)
+    rt.on_stop.append(checker.stop)
+    return checker
+
+
+def create_monitor_app(settings: Settings, registry: CollectorRegistry | None = None) -> FastAPI:
+    """The monitor alone: its own store connection, registry, ``/metrics`` and checker."""
+    registry = registry if registry is not None else CollectorRegistry()
+    store = AuditStore.open(settings.database_url)
+    checker = _checker(store, registry, settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        checker.start(settings.monitor_interval_s)
+        try:
+            yield
+        finally:
+            await checker.stop()
+            await store.close()
+
+    app = FastAPI(
+        title="runwatch monitor",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
+    app.state.checker = checker
+    _mount(app, store, settings)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> JSONResponse:
+        try:
+            await store.ping()
+        except Exception:
+            return JSONResponse({"status": "degraded", "store": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    return app

@@ -1,0 +1,324 @@
+"""The monitor's web UI at ``/monitor``: server-rendered with Jinja2 (autoescaped), no CDN."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+
+from runtime.config import Settings
+from runtime.store.recorder import AuditStore
+
+from .api import COOKIE, MonitorAuth
+from .models import ViolationRow
+from .queries import RunFilter, list_runs, list_violations, run_detail, slo_figures
+from .rules import Rule
+
+__all__ = ["build_web", "timeline_svg"]
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+RULE_MEANINGS = {
+    "started": "a run did not begin with agent_started (I1)",
+    "sequence": "gaps, duplicates or disorder in seq, or time going back (I1, I5)",
+    "terminal": "no single terminal event at the end (I2)",
+    "thinking": "a completed run never showed thinking (I3)",
+    "final_report": "a completed run without exactly one answer (I3)",
+    "tool_pairing": "a tool call that never completed, or a completion without a call (I4)",
+    "persisted": "an event delivered that the store does not hold, or before its commit (I6)",
+    "isolation": "an event delivered to another user (I7): critical",
+    "stuck": "a run that never ended (I8)",
+    "delivery_slo": "an event acked late or never by a live owner connection",
+}
+
+SINCE = {"1h": 3600, "1d": 86400, "7d": 7 * 86400}
+
+
+def _pct(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio * 100:.2f}%"
+
+
+def _status(ratio: float | None, objective: float) -> str:
+    if ratio is None:
+        return "none"
+    return "ok" if ratio >= objective else "bad"
+
+
+def timeline_svg(events: list[dict[str, Any]], slo_s: float) -> str:
+    """One row per event: emit, commit, first send and first ack on a shared ms axis."""
+    if not events:
+        return "<p>No events.</p>"
+    t0 = min(e["emitted_us"] for e in events)
+    points = [
+        v
+        for e in events
+        for v in (e["emitted_us"], e["committed_us"], e["first_sent_us"], e["first_acked_us"])
+        if v is not None
+    ]
+    span = max(max(points) - t0, 1000)
+    left, width, row = 230, 640, 18
+    height = 30 + row * len(events)
+
+    def x(us: int) -> float:
+        return left + (us - t0) / span * width
+
+    parts = [
+        f'<svg class="timeline" viewBox="0 0 {left + width + 20} {height}" '
+        f'width="{left + width + 20}" height="{height}" role="img" aria-label="event timeline">'
+    ]
+    for i in range(5):
+        gx = left + width * i / 4
+        parts.append(f'<line class="axis" x1="{gx:.1f}" y1="12" x2="{gx:.1f}" y2="{height}"/>')
+        parts.append(
+            f'<text x="{gx:.1f}" y="10" text-anchor="middle">{span * i / 4 / 1000:.1f}</text>'
+        )
+    for n, e in enumerate(events):
+        y = 26 + n * row
+        label = f"{e['seq']:>3} {e['type']}"
+        parts.append(f'<text x="4" y="{y + 4}">{_esc(label)}</text>')
+        end = e["first_acked_us"] or e["first_sent_us"] or e["committed_us"]
+        late = (
+            e["first_acked_us"] is not None and e["first_acked_us"] - e["emitted_us"] > slo_s * 1e6
+        )
+        cls = "span late" if late else "span"
+        ex, cx = x(e["emitted_us"]), x(e["committed_us"])
+        parts.append(f'<line class="{cls}" x1="{ex:.1f}" y1="{y}" x2="{x(end):.1f}" y2="{y}"/>')
+        parts.append(_mark(f'<circle cx="{ex:.1f}" cy="{y}" r="4" fill="#175cd3">', "emitted"))
+        box = f'x="{cx - 3.5:.1f}" y="{y - 3.5}" width="7" height="7"'
+        parts.append(_mark(f'<rect {box} fill="#6941c6">', "committed", "rect"))
+        if e["first_sent_us"] is not None:
+            sx = x(e["first_sent_us"])
+            tri = f"M{sx:.1f} {y - 5} L{sx + 5:.1f} {y + 4} L{sx - 5:.1f} {y + 4} Z"
+            parts.append(_mark(f'<path d="{tri}" fill="#b54708">', "first sent", "path"))
+        if e["first_acked_us"] is not None:
+            ax = x(e["first_acked_us"])
+            dia = f"M{ax:.1f} {y - 5} L{ax + 5:.1f} {y} L{ax:.1f} {y + 5} L{ax - 5:.1f} {y} Z"
+            parts.append(_mark(f'<path d="{dia}" fill="#12805c">', "first acked", "path"))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _mark(opening: str, title: str, tag: str = "circle") -> str:
+    return f"{opening}<title>{title}</title></{tag}>"
+
+
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _ms(us: int | None, base: int) -> str:
+    return "—" if us is None else f"{(us - base) / 1000:.1f}"
+
+
+def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRouter:
+    templates = Jinja2Templates(directory=str(TEMPLATES))
+    router = APIRouter(prefix="/monitor", include_in_schema=False)
+
+    def gate(request: Request) -> Response | None:
+        if auth.misconfigured:
+            return HTMLResponse(
+                "<h1>Monitor disabled</h1><p>Set RUNWATCH_ADMIN_TOKEN: outside dev mode the "
+                "monitor never runs open.</p>",
+                status_code=503,
+            )
+        if not auth.allowed(request):
+            return RedirectResponse("/monitor/login", status_code=303)
+        return None
+
+    @router.get("/login")
+    async def login_form(request: Request) -> Response:
+        return templates.TemplateResponse(request, "login.html", {"error": None})
+
+    @router.post("/login")
+    async def login(request: Request, token: str = Form(...)) -> Response:
+        if not auth.check_token(token):
+            return templates.TemplateResponse(
+                request, "login.html", {"error": "That token is not right."}, status_code=401
+            )
+        response = RedirectResponse("/monitor", status_code=303)
+        response.set_cookie(
+            COOKIE, auth.session_value(), httponly=True, samesite="strict", max_age=12 * 3600
+        )
+        return response
+
+    @router.get("")
+    @router.get("/")
+    async def overview(request: Request) -> Response:
+        if (denied := gate(request)) is not None:
+            return denied
+        now = time.time_ns() // 1000
+        async with store.engine.connect() as conn:
+            hour = await slo_figures(
+                conn, now_us=now, window_s=3600, delivery_slo_s=settings.delivery_slo_s
+            )
+            day = await slo_figures(
+                conn, now_us=now, window_s=86400, delivery_slo_s=settings.delivery_slo_s
+            )
+            since = now - 86400 * 1_000_000
+            counts = (
+                await conn.execute(
+                    select(ViolationRow.rule, func.count())
+                    .where(ViolationRow.judged_us >= since)
+                    .group_by(ViolationRow.rule)
+                )
+            ).all()
+            failing, _ = await list_runs(conn, RunFilter(verdict="fail"), limit=20, cursor=None)
+        tiles = []
+        for key, label in (
+            ("delivery", "Delivered within 1 s"),
+            ("completeness", "Runs passing every rule"),
+            ("persistence", "Committed within 250 ms"),
+        ):
+            for window, fig, q in (("1 h", hour, "1h"), ("24 h", day, "1d")):
+                m = fig[key]
+                href = f"/monitor/runs?verdict=fail&since={q}"
+                if key == "delivery":
+                    href += "&rule=delivery_slo"
+                tiles.append(
+                    {
+                        "key": f"{key}-{q}",
+                        "label": f"{label}, last {window}",
+                        "value": _pct(m["ratio"]),
+                        "detail": f"{m['good']} of {m['total']} "
+                        f"(objective {m['objective'] * 100:.1f}%)",
+                        "status": _status(m["ratio"], m["objective"]),
+                        "href": href,
+                    }
+                )
+        tiles.append(
+            {
+                "key": "stuck",
+                "label": "Stuck runs",
+                "value": str(day["stuck_runs"]),
+                "detail": "open past timeout + grace",
+                "status": "bad" if day["stuck_runs"] else "ok",
+                "href": "/monitor/runs?state=stuck",
+            }
+        )
+        tiles.append(
+            {
+                "key": "open",
+                "label": "Open runs",
+                "value": str(day["open_runs"]),
+                "detail": "in progress",
+                "status": "none",
+                "href": "/monitor/runs",
+            }
+        )
+        tiles.sort(key=lambda t: {"bad": 0, "warn": 1, "ok": 2, "none": 3}[t["status"]])
+        # Worst first: a cross-user delivery before everything else, then by count.
+        ranked = sorted(counts, key=lambda rc: (rc[0] != "isolation", -int(rc[1])))
+        by_rule = [{"rule": r, "count": n, "meaning": RULE_MEANINGS.get(r, "")} for r, n in ranked]
+        return templates.TemplateResponse(
+            request, "overview.html", {"tiles": tiles, "by_rule": by_rule, "runs": failing}
+        )
+
+    @router.get("/runs")
+    async def runs(
+        request: Request,
+        verdict: str | None = None,
+        agent: str | None = None,
+        user: str | None = None,
+        rule: str | None = None,
+        state: str | None = None,
+        since: str | None = None,
+        cursor: str | None = None,
+    ) -> Response:
+        if (denied := gate(request)) is not None:
+            return denied
+        now = time.time_ns() // 1000
+        f = RunFilter(
+            verdict=verdict if verdict in ("pass", "fail") else None,
+            agent=(agent or None) and agent[:200],
+            user=(user or None) and user[:200],
+            rule=rule if rule in {r.value for r in Rule} else None,
+            state=state if state in ("ended", "stuck") else None,
+            since_us=now - SINCE[since] * 1_000_000 if since in SINCE else None,
+        )
+        if cursor is not None and not _valid_cursor(cursor):
+            cursor = None
+        async with store.engine.connect() as conn:
+            items, nxt = await list_runs(conn, f, limit=50, cursor=cursor)
+        params = {
+            k: v
+            for k, v in {
+                "verdict": f.verdict,
+                "agent": f.agent,
+                "user": f.user,
+                "rule": f.rule,
+                "state": f.state,
+                "since": since if since in SINCE else None,
+            }.items()
+            if v
+        }
+        next_href = "/monitor/runs?" + urlencode({**params, "cursor": nxt}) if nxt else None
+        return templates.TemplateResponse(
+            request,
+            "runs.html",
+            {
+                "runs": items,
+                "f": f,
+                "since": since or "",
+                "rules": [r.value for r in Rule],
+                "next_cursor": nxt,
+                "next_href": next_href,
+            },
+        )
+
+    @router.get("/runs/{run_id}")
+    async def run(request: Request, run_id: str) -> Response:
+        if (denied := gate(request)) is not None:
+            return denied
+        async with store.engine.connect() as conn:
+            d = await run_detail(conn, run_id[:64])
+        if d is None:
+            return HTMLResponse("<h1>No such run</h1>", status_code=404)
+        base = min((e["emitted_us"] for e in d["events"]), default=0)
+        for e in d["events"]:
+            e["commit_ms"] = _ms(e["committed_us"], e["emitted_us"])
+            e["send_ms"] = _ms(e["first_sent_us"], e["emitted_us"])
+            e["ack_ms"] = _ms(e["first_acked_us"], e["emitted_us"])
+            e["late"] = (
+                e["first_acked_us"] is not None
+                and e["first_acked_us"] - e["emitted_us"] > settings.delivery_slo_s * 1e6
+            )
+        _ = base
+        svg = timeline_svg(d["events"], settings.delivery_slo_s)
+        return templates.TemplateResponse(request, "run.html", {"d": d, "svg": svg})
+
+    @router.get("/violations")
+    async def violations(
+        request: Request, rule: str | None = None, cursor: str | None = None
+    ) -> Response:
+        if (denied := gate(request)) is not None:
+            return denied
+        rule = rule if rule in {r.value for r in Rule} else None
+        before = int(cursor) if cursor and cursor.isdigit() and len(cursor) < 19 else None
+        async with store.engine.connect() as conn:
+            items, nxt = await list_violations(
+                conn, rule=rule, since_us=None, limit=100, before_id=before
+            )
+        return templates.TemplateResponse(
+            request,
+            "violations.html",
+            {"items": items, "rule": rule, "rules": [r.value for r in Rule], "next_cursor": nxt},
+        )
+
+    return router
+
+
+def _valid_cursor(cursor: str) -> bool:
+    parts = cursor.split(":", 2)
+    return (
+        len(parts) == 3
+        and parts[0] in ("0", "1")
+        and parts[1].isdigit()
+        and parts[2].isalnum()
+        and len(cursor) < 120
+    )
