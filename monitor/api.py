@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -19,7 +20,6 @@ from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.config import Settings
-from runtime.events import parse_ts
 from runtime.store.recorder import AuditStore
 
 from .queries import RunFilter, list_runs, list_violations, run_detail, slo_figures
@@ -86,6 +86,10 @@ async def _connection(request: Request) -> AsyncIterator[AsyncConnection]:
 Conn = Annotated[AsyncConnection, Depends(_connection)]
 
 
+class Problem(BaseModel):
+    detail: str
+
+
 class Page(BaseModel):
     items: list[dict[str, Any]]
     next_cursor: str | None = Field(None, description="pass as `cursor` for the next page")
@@ -113,19 +117,24 @@ class Slo(BaseModel):
     day: SloWindow
 
 
-def _ts_param(value: str | None, name: str) -> int | None:
+def _us(value: datetime | None) -> int | None:
     if value is None:
         return None
-    try:
-        return parse_ts(value)
-    except ValueError:
-        raise HTTPException(
-            422, f"{name}: expected RFC 3339 UTC like 2026-11-22T10:00:00.000000Z"
-        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp()) * 1_000_000 + value.microsecond
 
 
 def build_api(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRouter:
-    router = APIRouter(prefix="/api", tags=["monitor"], dependencies=[Depends(auth.require_api)])
+    router = APIRouter(
+        prefix="/api",
+        tags=["monitor"],
+        dependencies=[Depends(auth.require_api)],
+        responses={
+            401: {"model": Problem, "description": "admin token required"},
+            503: {"model": Problem, "description": "RUNWATCH_ADMIN_TOKEN not configured"},
+        },
+    )
 
     _ = store  # reached through request.app.state.monitor_store (see _connection)
 
@@ -137,8 +146,8 @@ def build_api(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
         user: Annotated[str | None, Query(max_length=200)] = None,
         rule: RuleName | None = None,
         state: Literal["ended", "stuck"] | None = None,
-        since: Annotated[str | None, Query(description="RFC 3339 UTC")] = None,
-        until: Annotated[str | None, Query(description="RFC 3339 UTC")] = None,
+        since: Annotated[datetime | None, Query(description="RFC 3339 time")] = None,
+        until: Annotated[datetime | None, Query(description="RFC 3339 time")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[
             str | None, Query(max_length=300, pattern=r"^[01]:\d{1,20}:[0-9A-Za-z]{1,64}$")
@@ -150,14 +159,17 @@ def build_api(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
             user=user,
             rule=rule,
             state=state,
-            since_us=_ts_param(since, "since"),
-            until_us=_ts_param(until, "until"),
+            since_us=_us(since),
+            until_us=_us(until),
         )
         items, nxt = await list_runs(c, f, limit=limit, cursor=cursor)
         return Page(items=items, next_cursor=nxt)
 
     @router.get(
-        "/runs/{run_id}", response_model=RunDetail, summary="One run: events, receipts, violations"
+        "/runs/{run_id}",
+        response_model=RunDetail,
+        summary="One run: events, receipts, violations",
+        responses={404: {"model": Problem, "description": "no such run"}},
     )
     async def run(c: Conn, run_id: str) -> RunDetail:
         detail = await run_detail(c, run_id) if len(run_id) <= 64 else None
@@ -169,14 +181,14 @@ def build_api(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
     async def violations(
         c: Conn,
         rule: RuleName | None = None,
-        since: Annotated[str | None, Query(description="RFC 3339 UTC")] = None,
+        since: Annotated[datetime | None, Query(description="RFC 3339 time")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(max_length=20, pattern=r"^\d{1,18}$")] = None,
     ) -> Page:
         items, nxt = await list_violations(
             c,
             rule=rule,
-            since_us=_ts_param(since, "since"),
+            since_us=_us(since),
             limit=limit,
             before_id=int(cursor) if cursor else None,
         )

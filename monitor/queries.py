@@ -179,9 +179,16 @@ async def list_violations(
     limit: int,
     before_id: int | None,
 ) -> tuple[list[dict[str, Any]], int | None]:
-    q = select(ViolationRow, VerdictRow.user_id, VerdictRow.agent).join(
-        VerdictRow, VerdictRow.run_id == ViolationRow.run_id, isouter=True
-    )
+    q = select(
+        ViolationRow.id,
+        ViolationRow.run_id,
+        ViolationRow.rule,
+        ViolationRow.message,
+        ViolationRow.seqs,
+        ViolationRow.judged_us,
+        VerdictRow.user_id,
+        VerdictRow.agent,
+    ).join(VerdictRow, VerdictRow.run_id == ViolationRow.run_id, isouter=True)
     if rule:
         q = q.where(ViolationRow.rule == rule)
     if since_us is not None:
@@ -193,18 +200,18 @@ async def list_violations(
     rows = rows[:limit]
     items = [
         {
-            "id": r.ViolationRow.id,
-            "run_id": r.ViolationRow.run_id,
-            "rule": r.ViolationRow.rule,
-            "message": r.ViolationRow.message,
-            "seqs": r.ViolationRow.seqs,
+            "id": r.id,
+            "run_id": r.run_id,
+            "rule": r.rule,
+            "message": r.message,
+            "seqs": r.seqs,
             "user_id": r.user_id,
             "agent": r.agent,
-            "judged_at": _ts(r.ViolationRow.judged_us),
+            "judged_at": _ts(r.judged_us),
         }
         for r in rows
     ]
-    return items, (rows[-1].ViolationRow.id if more and rows else None)
+    return items, (rows[-1].id if more and rows else None)
 
 
 def _ratio(good: int, total: int) -> float | None:
