@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,7 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
             return HTMLResponse("<h1>No such run</h1>", status_code=404)
         base = min((e["emitted_us"] for e in d["events"]), default=0)
         for e in d["events"]:
+            e["data_json"] = json.dumps(e["data"], ensure_ascii=False)[:4000]
             e["commit_ms"] = _ms(e["committed_us"], e["emitted_us"])
             e["send_ms"] = _ms(e["first_sent_us"], e["emitted_us"])
             e["ack_ms"] = _ms(e["first_acked_us"], e["emitted_us"])
