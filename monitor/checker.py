@@ -101,6 +101,42 @@ async def load_facts(conn: AsyncConnection, run_id: str) -> tuple[Any, RunFacts]
     return run, facts
 
 
+async def load_many(conn: AsyncConnection, run_ids: list[str]) -> dict[str, tuple[Any, RunFacts]]:
+    """:func:`load_facts` for many runs, three queries per chunk instead of three per run."""
+    out: dict[str, tuple[Any, RunFacts]] = {}
+    for i in range(0, len(run_ids), 500):
+        chunk = run_ids[i : i + 500]
+        runs = {
+            r.run_id: r for r in await conn.execute(select(RunRow).where(RunRow.run_id.in_(chunk)))
+        }
+        events: dict[str, list[Any]] = {}
+        for r in await conn.execute(
+            select(EventRow).where(EventRow.run_id.in_(chunk)).order_by(EventRow.position)
+        ):
+            events.setdefault(r.run_id, []).append(r)
+        receipts: dict[str, list[Any]] = {}
+        for d in await conn.execute(
+            select(DeliveryRow).where(DeliveryRow.run_id.in_(chunk)).order_by(DeliveryRow.id)
+        ):
+            receipts.setdefault(d.run_id, []).append(d)
+        for run_id, run in runs.items():
+            rows = events.get(run_id, [])
+            out[run_id] = (
+                run,
+                RunFacts(
+                    run_id=run_id,
+                    user_id=run.user_id,
+                    events=tuple(event_from_row(r) for r in rows),
+                    committed_us={r.event_id: r.committed_us for r in rows},
+                    live=frozenset(r.event_id for r in rows if r.live),
+                    receipts=tuple(receipt_from_row(r) for r in receipts.get(run_id, [])),
+                    started_us=run.created_us,
+                    timeout_s=run.timeout_s,
+                ),
+            )
+    return out
+
+
 class Checker:
     """Judges runs from the store; :meth:`step` is one pass, :meth:`run` loops."""
 
@@ -211,6 +247,7 @@ class Checker:
             )
         ).all()
         grace_us = cfg.rules.stuck_grace_s * 1_000_000
+        due: list[str] = []
         for p in pending:
             if p.created_us is None:
                 continue  # events of a run the store does not know: judged when it appears
@@ -229,10 +266,13 @@ class Checker:
                 result.pending += 1
                 result.stuck += 1
                 continue
-            loaded = await load_facts(conn, p.run_id)
-            if loaded is None:
+            due.append(p.run_id)
+        loaded = await load_many(conn, due)
+        finished: list[str] = []
+        for run_id in due:
+            if run_id not in loaded:
                 continue
-            run, facts = loaded
+            run, facts = loaded[run_id]
             state = run_state(facts, cfg.rules, now)
             if state == RunState.OPEN:
                 result.pending += 1
@@ -242,10 +282,14 @@ class Checker:
                 result.pending += 1
                 result.stuck += 1
                 await conn.execute(
-                    update(PendingRun).where(PendingRun.run_id == p.run_id).values(judged=True)
+                    update(PendingRun).where(PendingRun.run_id == run_id).values(judged=True)
                 )
             else:
-                await conn.execute(delete(PendingRun).where(PendingRun.run_id == p.run_id))
+                finished.append(run_id)
+        for i in range(0, len(finished), 500):
+            await conn.execute(
+                delete(PendingRun).where(PendingRun.run_id.in_(finished[i : i + 500]))
+            )
 
     async def _store_verdict(
         self,
