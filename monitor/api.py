@@ -150,7 +150,7 @@ def build_api(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
         until: Annotated[datetime | None, Query(description="RFC 3339 time")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[
-            str | None, Query(max_length=300, pattern=r"^[01]:\d{1,20}:[0-9A-Za-z]{1,64}$")
+            str | None, Query(max_length=300, pattern=r"^[01]:\d{1,18}:[0-9A-Za-z]{1,64}$")
         ] = None,
     ) -> Page:
         f = RunFilter(

@@ -321,6 +321,7 @@ def _valid_cursor(cursor: str) -> bool:
         len(parts) == 3
         and parts[0] in ("0", "1")
         and parts[1].isdigit()
+        and len(parts[1]) <= 18
         and parts[2].isalnum()
         and len(cursor) < 120
     )
