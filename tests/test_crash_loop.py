@@ -9,16 +9,24 @@ import asyncio
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
+from monitor.check import judge_runs
+from monitor.rules import RuleConfig
 from runtime.client import RunwatchClient, RunwatchError
 from runtime.events import Event
 from runtime.store.recorder import AuditStore
 
 from .conftest import JWT_SECRET, free_port, make_token, sqlite_url, start_server_process
 from .invariants import assert_valid
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
 
 KILLS = int(os.environ.get("RUNWATCH_CRASH_LOOP_KILLS", "20"))
 PROMPTS = ("wait 2", "what is 6*7", "fail tool", "hello", "wait 1", "crash")
@@ -86,6 +94,14 @@ async def test_crash_loop(tmp_path: Path) -> None:
             lost += sum(1 for e in received if e.run_id == run_id and e not in stored)
             restarted += stored[-1].data.get("code") == "runtime_restarted"
         assert lost == 0
+        # The monitor finds nothing but the expected: events sent by a killed server that no
+        # client acknowledged before the kill (delivery_slo).
+        judged = await judge_runs(
+            store, RuleConfig(ack_wait_s=1), since_us=0, run_id=None, now_us=now_us() + 60_000_000
+        )
+        found = {v["rule"] for r in judged for v in r["violations"]}
+        assert found <= {"delivery_slo"}, found
+        assert all(r["state"] == "ended" for r in judged)
     finally:
         await store.close()
     print(
