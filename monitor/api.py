@@ -125,7 +125,8 @@ def _us(value: datetime | None) -> int | None:
     return int(value.timestamp()) * 1_000_000 + value.microsecond
 
 
-def build_api(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRouter:
+def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
+    """The API router; it reads the store set as ``app.state.monitor_store``."""
     router = APIRouter(
         prefix="/api",
         tags=["monitor"],
@@ -135,8 +136,6 @@ def build_api(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
             503: {"model": Problem, "description": "RUNWATCH_ADMIN_TOKEN not configured"},
         },
     )
-
-    _ = store  # reached through request.app.state.monitor_store (see _connection)
 
     @router.get("/runs", response_model=Page, summary="Judged runs, failures first")
     async def runs(

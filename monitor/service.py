@@ -33,7 +33,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 def _mount(app: FastAPI, store: AuditStore, settings: Settings) -> None:
     auth = MonitorAuth(settings)
     app.state.monitor_store = store
-    app.include_router(build_api(store, settings, auth))
+    app.include_router(build_api(settings, auth))
     app.include_router(build_web(store, settings, auth))
     app.mount("/monitor/static", StaticFiles(directory=STATIC), name="monitor-static")
 

@@ -280,7 +280,6 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
             d = await run_detail(conn, run_id[:64])
         if d is None:
             return HTMLResponse("<h1>No such run</h1>", status_code=404)
-        base = min((e["emitted_us"] for e in d["events"]), default=0)
         for e in d["events"]:
             e["data_json"] = json.dumps(e["data"], ensure_ascii=False)[:4000]
             e["commit_ms"] = _ms(e["committed_us"], e["emitted_us"])
@@ -290,7 +289,6 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
                 e["first_acked_us"] is not None
                 and e["first_acked_us"] - e["emitted_us"] > settings.delivery_slo_s * 1e6
             )
-        _ = base
         svg = timeline_svg(d["events"], settings.delivery_slo_s)
         return templates.TemplateResponse(request, "run.html", {"d": d, "svg": svg})
 
