@@ -75,30 +75,7 @@ class PassResult:
 
 async def load_facts(conn: AsyncConnection, run_id: str) -> tuple[Any, RunFacts] | None:
     """A run's row and its :class:`RunFacts` as the store holds them."""
-    run = (await conn.execute(select(RunRow).where(RunRow.run_id == run_id))).first()
-    if run is None:
-        return None
-    rows = (
-        await conn.execute(
-            select(EventRow).where(EventRow.run_id == run_id).order_by(EventRow.position)
-        )
-    ).all()
-    receipts = (
-        await conn.execute(
-            select(DeliveryRow).where(DeliveryRow.run_id == run_id).order_by(DeliveryRow.id)
-        )
-    ).all()
-    facts = RunFacts(
-        run_id=run_id,
-        user_id=run.user_id,
-        events=tuple(event_from_row(r) for r in rows),
-        committed_us={r.event_id: r.committed_us for r in rows},
-        live=frozenset(r.event_id for r in rows if r.live),
-        receipts=tuple(receipt_from_row(r) for r in receipts),
-        started_us=run.created_us,
-        timeout_s=run.timeout_s,
-    )
-    return run, facts
+    return (await load_many(conn, [run_id])).get(run_id)
 
 
 async def load_many(conn: AsyncConnection, run_ids: list[str]) -> dict[str, tuple[Any, RunFacts]]:
