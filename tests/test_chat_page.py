@@ -1,99 +1,301 @@
-"""The chat page in real headless Chromium against a real server."""
+"""The chat page (runtime/static) in real headless Chromium against a real `runwatch serve`.
+
+The page is driven as a user would drive it, and checked through its stable hooks: run cards
+(`article.run[data-run-id][data-status][data-thread-id]`), tool rows
+(`.tool[data-tool-call-id][data-status]`), `.final-report`, `#conn-status[data-state]` and
+`window.runwatchChat` (`socket()`, `dropSocket(offlineMs?)`, `stats()`).
+
+Skipped when Debian's Chromium or the playwright package is missing, unless
+``RUNWATCH_REQUIRE_SERVICES=1``; every wait is bounded and scaled by
+``RUNWATCH_TEST_TIMEOUT_SCALE``.
+"""
 
 from __future__ import annotations
 
+import itertools
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
-from .conftest import ServerProcess, chromium_path, scale, sqlite_url, start_server_process
+from runtime.client import RunwatchClient
+from runtime.events import EventType
+
+from .conftest import (
+    JWT_SECRET,
+    ServerProcess,
+    chromium_path,
+    make_token,
+    scale,
+    service_missing,
+    sqlite_url,
+    start_server_process,
+)
+
+if TYPE_CHECKING:
+    from playwright.async_api import Locator, Page
 
 pytestmark = pytest.mark.browser
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+_users = itertools.count(1)
 
-@pytest.fixture
-async def page_server(tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    server = start_server_process(
-        tmp_path, {"RUNWATCH_DATABASE_URL": sqlite_url(tmp_path / "rw.db")}
-    )
-    yield server
+
+def ms(seconds: float) -> float:
+    """A Playwright timeout (milliseconds), scaled like every wait in the suite."""
+    return seconds * 1000 * scale()
+
+
+def stop(server: ServerProcess) -> None:
     server.proc.send_signal(signal.SIGTERM)
-    server.proc.wait(30)
+    try:
+        server.proc.wait(30 * scale())
+    except Exception:
+        server.proc.kill()
+        server.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One dev-mode server (no RUNWATCH_JWT_SECRET) for the module; each test has its own user."""
+    tmp = tmp_path_factory.mktemp("chat-page")
+    server = start_server_process(tmp, {"RUNWATCH_DATABASE_URL": sqlite_url(tmp / "rw.db")})
+    yield server
+    stop(server)
 
 
 @pytest.fixture
-async def page(page_server: ServerProcess, tmp_path: Path) -> AsyncIterator[object]:
-    from playwright.async_api import async_playwright
-
-    executable = chromium_path()
+async def browser() -> AsyncIterator[Any]:
+    executable = chromium_path()  # skips (or fails under RUNWATCH_REQUIRE_SERVICES=1)
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        service_missing("the playwright package is not installed")
     async with async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path=executable,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        launched = await p.chromium.launch(
+            executable_path=executable, headless=True, args=CHROMIUM_ARGS
         )
-        context = await browser.new_context()
-        pg = await context.new_page()
-        pg.set_default_timeout(15_000 * scale())
-        await pg.goto(page_server.http_url + "/")
-        yield pg
-        await context.close()
-        await browser.close()
+        yield launched
+        await launched.close()
 
 
-async def send(page: object, text: str) -> None:
-    await page.fill("#message", text)  # type: ignore[attr-defined]
-    await page.press("#message", "Enter")  # type: ignore[attr-defined]
+async def open_page(browser: Any, url: str, user: str | None = None) -> tuple[Page, list[str]]:
+    """A fresh browser context (empty localStorage) on the chat page, as ``user``; the list
+    collects the page's JavaScript errors and failed loads."""
+    context = await browser.new_context(viewport={"width": 1000, "height": 800})
+    if user is not None:
+        # A user of its own per test, so no test sees another's runs in `active_runs`.
+        await context.add_init_script(
+            "if (!localStorage.getItem('runwatch.user'))"
+            f" localStorage.setItem('runwatch.user', {user!r});"
+        )
+    page: Page = await context.new_page()
+    page.set_default_timeout(ms(15))
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on(
+        "console",
+        lambda msg: (
+            errors.append(f"{msg.text} [{msg.location.get('url', '')}]")
+            if msg.type == "error"
+            else None
+        ),
+    )
+    await page.goto(url + "/")
+    return page, errors
 
 
-async def test_chat_shows_tools_answers_and_survives_a_dropped_socket(
-    page: object, tmp_path: Path
+async def send(page: Page, text: str) -> Locator:
+    """Type ``text``, press Enter, and return its run card once the server accepted it."""
+    before = await page.locator("article.run").count()
+    await page.fill("#message", text)
+    await page.press("#message", "Enter")
+    card = page.locator("article.run").nth(before)
+    await card.locator(".prompt").filter(has_text=text).wait_for()
+    await page.wait_for_function(
+        "i => document.querySelectorAll('article.run')[i]?.dataset.runId",
+        arg=before,
+        timeout=ms(10),
+    )
+    return card
+
+
+async def wait_status(card: Locator, status: str, seconds: float = 15) -> None:
+    await card.page.wait_for_function(
+        "([el, s]) => el.dataset.status === s",
+        arg=[await card.element_handle(), status],
+        timeout=ms(seconds),
+    )
+
+
+async def stored_events(server: ServerProcess, user: str, run_id: str) -> list[Any]:
+    """The run as the audit store has it, replayed through the Python client SDK."""
+    async with httpx.AsyncClient() as http:
+        response = await http.post(f"{server.http_url}/dev/token", json={"user": user})
+    token = response.json()["token"]
+    async with RunwatchClient(server.ws_url, token, reconnect=False) as client:
+        run = await client.resume(run_id, 0)
+        return await run.wait(10 * scale())
+
+
+async def test_tools_answers_reconnect_resume_and_cancel(
+    browser: Any, dev_server: ServerProcess
 ) -> None:
-    pg = page
-    await pg.wait_for_selector('#conn-status[data-state="connected"]')  # type: ignore[attr-defined]
-    assert not await pg.locator("#token-box").is_visible()  # type: ignore[attr-defined]
+    user = f"page-{next(_users)}"
+    page, errors = await open_page(browser, dev_server.http_url, user)
+    await page.wait_for_selector('#conn-status[data-state="connected"]')
+    assert await page.locator("#conn-status").inner_text() == f"connected as {user}"
+    assert await page.locator("#token-box").is_hidden()
 
-    await send(pg, "what is 6*7")
-    card = pg.locator("article.run").last  # type: ignore[attr-defined]
-    await card.locator('.tool[data-status="ok"]').wait_for()
-    assert "calculator" in await card.locator(".tool").inner_text()
-    await pg.wait_for_selector('article.run[data-status="completed"] .final-report')  # type: ignore[attr-defined]
-    assert "42" in await card.locator(".final-report").inner_text()
+    # A tool call goes running → ok, and the answer arrives.
+    calc = await send(page, "what is 6*7")
+    await wait_status(calc, "completed")
+    tools = calc.locator(".tool")
+    assert await tools.count() == 1
+    assert await tools.get_attribute("data-status") == "ok"
+    assert await tools.get_attribute("data-tool-call-id")
+    assert "calculator" in await tools.inner_text()
+    assert "42" in await calc.locator(".final-report").inner_text()
+    assert "done" in await calc.locator(".badge").inner_text()
 
-    # A run in progress, a dropped socket, an automatic reconnect and resume.
-    await send(pg, "wait 4")
-    run = pg.locator("article.run").last  # type: ignore[attr-defined]
-    await run.locator(".thinking").nth(1).wait_for()
-    await pg.evaluate("window.runwatchChat.dropSocket()")  # type: ignore[attr-defined]
-    await pg.wait_for_selector('#conn-status[data-state="reconnecting"]')  # type: ignore[attr-defined]
-    await pg.wait_for_selector('#conn-status[data-state="connected"]')  # type: ignore[attr-defined]
-    await pg.wait_for_function(  # type: ignore[attr-defined]
-        "document.querySelectorAll('article.run')[1].dataset.status === 'completed'",
-        timeout=20_000 * scale(),
+    # A dropped socket mid-run: the page reconnects, resumes, and shows every step exactly once.
+    wait = await send(page, "wait 4")
+    await wait.locator(".thinking").first.wait_for()
+    await page.evaluate(
+        """() => {
+            const el = document.getElementById('conn-status');
+            window.__states = [el.dataset.state];
+            new MutationObserver(() => window.__states.push(el.dataset.state))
+                .observe(el, {attributes: true, attributeFilter: ['data-state']});
+        }"""
     )
-    steps = await run.locator(".thinking").evaluate_all("els => els.map(e => e.dataset.step)")
-    assert steps == [str(i) for i in range(1, len(steps) + 1)], "every step exactly once"
-    assert len(steps) >= 4
-    await pg.screenshot(path=str(tmp_path / "chat.png"))  # type: ignore[attr-defined]
+    # Offline for 1.5 s: at least one thinking step is emitted meanwhile and must come by replay.
+    await page.evaluate("window.runwatchChat.dropSocket(1500)")
+    await page.wait_for_selector('#conn-status[data-state="connected"]', timeout=ms(15))
+    await wait_status(wait, "completed", seconds=20)
+    states = await page.evaluate("window.__states")
+    assert "reconnecting" in states
+    assert states[-1] == "connected"
+    assert states.index("reconnecting") < len(states) - 1
 
-    # Cancel from the page.
-    await send(pg, "wait 30")
-    long = pg.locator("article.run").last  # type: ignore[attr-defined]
+    run_id = await wait.get_attribute("data-run-id")
+    assert run_id
+    stored = await stored_events(dev_server, user, run_id)
+    stored_steps = [e.data["step"] for e in stored if e.type == EventType.AGENT_THINKING]
+    shown_steps = await wait.locator(".thinking").evaluate_all(
+        "els => els.map(e => Number(e.dataset.step))"
+    )
+    assert shown_steps == stored_steps, "every thinking step shown exactly once, in order"
+    assert len(shown_steps) >= 5  # the runtime's step, "Waiting 4 seconds", then once a second
+    assert await wait.locator(".tool").count() == 1
+    assert await wait.locator('.tool[data-status="ok"]').count() == 1
+    assert "Waited 4 seconds" in await wait.locator(".final-report").inner_text()
+    stats = await page.evaluate("window.runwatchChat.stats()")
+    assert stats["connects"] == 2
+    assert stats["replayed"] >= 1, stats
+
+    # Cancel from the page: the run ends as cancelled, never as a success, its tool call closed.
+    long = await send(page, "wait 30")
     await long.locator('.tool[data-status="running"]').wait_for()
-    await long.locator("button.cancel").click()
-    await pg.wait_for_function(  # type: ignore[attr-defined]
-        "document.querySelectorAll('article.run')[2].dataset.status === 'cancelled'"
+    await long.get_by_role("button", name="Cancel this run").click()
+    await wait_status(long, "cancelled", seconds=10)
+    assert "Cancelled" in await long.locator(".error-box").inner_text()
+    assert await long.locator('.tool[data-status="error"]').count() == 1
+    assert await long.locator("button.cancel").is_hidden()
+
+    # One conversation: every run of the page shares the first run's thread.
+    threads = await page.locator("article.run").evaluate_all(
+        "els => els.map(e => e.dataset.threadId)"
     )
-    assert "cancelled" in await long.locator(".error-box").inner_text()
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0]
+    assert errors == []
+    await page.context.close()
 
 
-async def test_user_text_is_escaped(page: object) -> None:
-    pg = page
-    await pg.wait_for_selector('#conn-status[data-state="connected"]')  # type: ignore[attr-defined]
+async def test_new_chat_starts_a_thread_and_a_reload_restores_it(
+    browser: Any, dev_server: ServerProcess
+) -> None:
+    user = f"page-{next(_users)}"
+    page, errors = await open_page(browser, dev_server.http_url, user)
+    first = await send(page, "what is 1+1")
+    await wait_status(first, "completed")
+    old_thread = await first.get_attribute("data-thread-id")
+
+    await page.click("#new-chat")
+    assert await page.locator("article.run").count() == 0
+    second = await send(page, "what is 2+2")
+    await wait_status(second, "completed")
+    third = await send(page, "what is 3+3")
+    await wait_status(third, "completed")
+    new_thread = await second.get_attribute("data-thread-id")
+    assert new_thread and new_thread != old_thread
+    assert await third.get_attribute("data-thread-id") == new_thread
+
+    # A reload replays the current thread's runs from the audit store.
+    await page.reload()
+    await page.wait_for_selector('#conn-status[data-state="connected"]')
+    cards = page.locator("article.run")
+    await page.wait_for_function(
+        "document.querySelectorAll('article.run[data-status=\"completed\"]').length === 2",
+        timeout=ms(10),
+    )
+    assert await cards.locator(".prompt").all_inner_texts() == ["what is 2+2", "what is 3+3"]
+    assert "4" in await cards.nth(0).locator(".final-report").inner_text()
+    assert "6" in await cards.nth(1).locator(".final-report").inner_text()
+    fourth = await send(page, "what is 4+4")
+    await wait_status(fourth, "completed")
+    assert await fourth.get_attribute("data-thread-id") == new_thread
+    assert errors == []
+    await page.context.close()
+
+
+async def test_user_and_agent_text_is_never_html(browser: Any, dev_server: ServerProcess) -> None:
+    page, errors = await open_page(browser, dev_server.http_url, f"page-{next(_users)}")
+    await page.wait_for_selector('#conn-status[data-state="connected"]')
     hostile = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
-    await send(pg, hostile)
-    await pg.wait_for_selector('article.run[data-status="completed"]')  # type: ignore[attr-defined]
-    assert await pg.evaluate("window.pwned === undefined")  # type: ignore[attr-defined]
-    assert await pg.locator("article.run .prompt").first.inner_text() == hostile  # type: ignore[attr-defined]
-    assert await pg.locator("article.run img").count() == 0  # type: ignore[attr-defined]
+    card = await send(page, hostile)
+    await wait_status(card, "completed")
+    # The demo agent echoes a search query back: agent text goes through textContent too.
+    echoed = await send(page, "search <b id=bold>x</b><img src=y onerror=window.pwned=3>")
+    await wait_status(echoed, "completed")
+    assert await page.evaluate("window.pwned === undefined")
+    assert await card.locator(".prompt").inner_text() == hostile
+    assert "<img" in await echoed.locator(".final-report").inner_text()
+    assert await page.locator("#runs img, #runs script, #bold").count() == 0
+    assert errors == []
+    await page.context.close()
+
+
+async def test_without_dev_mode_the_page_asks_for_a_token(browser: Any, tmp_path: Path) -> None:
+    server = start_server_process(
+        tmp_path,
+        {
+            "RUNWATCH_DATABASE_URL": sqlite_url(tmp_path / "rw.db"),
+            "RUNWATCH_JWT_SECRET": JWT_SECRET,
+        },
+    )
+    try:
+        page, errors = await open_page(browser, server.http_url)
+        await page.wait_for_selector("#token-box:not([hidden])")
+        assert await page.locator("#conn-status").get_attribute("data-state") == "offline"
+
+        await page.get_by_label("Paste a token").fill("not-a-token")
+        await page.click("#use-token")
+        await page.wait_for_selector("#token-box:not([hidden])")  # 4401: asked again
+        assert "refused" in await page.locator("#token-reason").inner_text()
+
+        await page.get_by_label("Paste a token").fill(make_token("alice"))
+        await page.click("#use-token")
+        await page.wait_for_selector('#conn-status[data-state="connected"]')
+        assert await page.locator("#conn-status").inner_text() == "connected as alice"
+        card = await send(page, "what is 2+3")
+        await wait_status(card, "completed")
+        assert "5" in await card.locator(".final-report").inner_text()
+        # The only failed load is the expected 404 of /dev/token that told the page to ask.
+        assert [e for e in errors if "/dev/token" not in e] == []
+        await page.context.close()
+    finally:
+        stop(server)
