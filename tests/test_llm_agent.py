@@ -1,0 +1,161 @@
+"""The llm agent against a fake OpenAI-compatible server at the wire, through the real runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from runtime.events import EventType
+
+from .conftest import LiveServer, wait_until
+from .invariants import assert_valid
+
+
+def sse(chunks: list[dict[str, Any]]) -> str:
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+def delta(**d: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": d, "finish_reason": None}]}
+
+
+def finish(reason: str) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+
+
+class FakeOpenAI:
+    """Scripted chat-completions over SSE; records every request it gets."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.mode = "tools"
+        self.port = 0
+
+    async def completions(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        if self.mode == "error":
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
+        has_tool_result = any(m.get("role") == "tool" for m in body["messages"])
+        if self.mode == "tools" and not has_tool_result:
+            chunks = [
+                delta(reasoning_content="The user wants arithmetic."),
+                delta(
+                    tool_calls=[
+                        {
+                            "index": 0,
+                            "id": "call_a",
+                            "function": {"name": "calculator", "arguments": ""},
+                        }
+                    ]
+                ),
+                delta(tool_calls=[{"index": 0, "function": {"arguments": '{"expression": '}}]),
+                delta(tool_calls=[{"index": 0, "function": {"arguments": '"6*7"}'}}]),
+                finish("tool_calls"),
+            ]
+        elif self.mode == "bad_args" and not has_tool_result:
+            chunks = [
+                delta(
+                    tool_calls=[
+                        {
+                            "index": 0,
+                            "id": "call_b",
+                            "function": {"name": "calculator", "arguments": "{oops"},
+                        }
+                    ]
+                ),
+                finish("tool_calls"),
+            ]
+        else:
+            chunks = [delta(content="The answer "), delta(content="is 42."), finish("stop")]
+        return StreamingResponse(iter([sse(chunks)]), media_type="text/event-stream")
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    app = Starlette(routes=[Route("/v1/chat/completions", fake.completions, methods=["POST"])])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    fake.port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server._serve([sock]))
+    await wait_until(lambda: server.started, 10)
+    yield fake
+    server.should_exit = True
+    await task
+    sock.close()
+
+
+@pytest.fixture
+def llm_env(fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> FakeOpenAI:
+    monkeypatch.setenv("RUNWATCH_LLM_BASE_URL", f"http://127.0.0.1:{fake_openai.port}/v1")
+    monkeypatch.setenv("RUNWATCH_LLM_MODEL", "test-model")
+    monkeypatch.setenv("RUNWATCH_LLM_API_KEY", "sk-test-key")
+    return fake_openai
+
+
+async def test_tool_call_then_streamed_answer(live: LiveServer, llm_env: FakeOpenAI) -> None:
+    client = await live.client("alice")
+    events = await (await client.chat("what is 6*7", agent="llm")).wait(20)
+    assert_valid(events)
+    kinds = [e.type for e in events]
+    assert EventType.TOOL_EXECUTING in kinds and EventType.TEXT_DELTA in kinds
+    done = next(e for e in events if e.type == EventType.TOOL_COMPLETED)
+    assert done.data["tool"] == "calculator" and done.data["result"]["value"] == 42
+    assert (
+        next(e for e in events if e.type == EventType.FINAL_REPORT).data["text"]
+        == "The answer is 42."
+    )
+    thoughts = [e.data["text"] for e in events if e.type == EventType.AGENT_THINKING]
+    assert "The user wants arithmetic." in thoughts
+    # The model got the tool result back under its tool_call_id, and the key as a bearer.
+    second = llm_env.requests[1]["messages"]
+    tool_msg = next(m for m in second if m["role"] == "tool")
+    assert tool_msg["tool_call_id"] == "call_a" and json.loads(tool_msg["content"])["value"] == 42
+    assert llm_env.headers[0]["authorization"] == "Bearer sk-test-key"
+    assert any(t["function"]["name"] == "calculator" for t in llm_env.requests[0]["tools"])
+
+
+async def test_invalid_tool_arguments_go_back_to_the_model(
+    live: LiveServer, llm_env: FakeOpenAI
+) -> None:
+    llm_env.mode = "bad_args"
+    client = await live.client("alice")
+    events = await (await client.chat("compute", agent="llm")).wait(20)
+    assert_valid(events)
+    assert events[-1].type == EventType.AGENT_COMPLETED
+    tool_msg = next(m for m in llm_env.requests[1]["messages"] if m["role"] == "tool")
+    assert "invalid arguments" in tool_msg["content"]
+
+
+async def test_endpoint_error_fails_the_run(live: LiveServer, llm_env: FakeOpenAI) -> None:
+    llm_env.mode = "error"
+    client = await live.client("alice")
+    events = await (await client.chat("hi", agent="llm")).wait(20)
+    assert_valid(events)
+    assert events[-1].data["code"] == "agent_failed"
+    assert "HTTP 500" in events[-1].data["message"]
+    assert "sk-test-key" not in events[-1].data["message"]
+
+
+async def test_missing_configuration_fails_clearly(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RUNWATCH_LLM_BASE_URL", raising=False)
+    client = await live.client("alice")
+    events = await (await client.chat("hi", agent="llm")).wait(20)
+    assert events[-1].data["code"] == "agent_failed"
+    assert "RUNWATCH_LLM_BASE_URL is not set" in events[-1].data["message"]
