@@ -41,7 +41,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_server(workdir: Path, database_url: str | None) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(
+    workdir: Path,
+    database_url: str | None,
+    env_extra: dict[str, str] | None = None,
+    args: list[str] | None = None,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``runwatch runtime`` in a subprocess on a free port, once it answers /healthz."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNWATCH_")}
     env.update(
@@ -50,8 +56,9 @@ def _start_server(workdir: Path, database_url: str | None) -> tuple[subprocess.P
         RUNWATCH_CHAT_BURST="100000",
         RUNWATCH_LOG_LEVEL="warning",
     )
+    env.update(env_extra or {})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "runtime", "--port", str(port)],
+        [sys.executable, "-m", "runtime.cli", "runtime", "--port", str(port), *(args or [])],
         env=env,
         cwd=workdir,
         stdout=subprocess.DEVNULL,
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="runwatch-bench-") as tmp:
-        proc, port = _start_server(Path(tmp), args.database_url)
+        proc, port = start_server(Path(tmp), args.database_url)
         try:
             result = asyncio.run(_run(args, port))
         finally:

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ import httpx
 import websockets
 
 from .auth import TokenAuthority
-from .bench import SECRET, _free_port
+from .bench import SECRET, start_server
 from .client import RunwatchClient
 
 
@@ -35,28 +32,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def _start(workdir: Path, queue_bytes: int) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNWATCH_")}
-    env.update(
-        RUNWATCH_JWT_SECRET=SECRET,
-        RUNWATCH_DATABASE_URL=f"sqlite+aiosqlite:///{workdir / 'bench.db'}",
-        RUNWATCH_LOG_LEVEL="warning",
-        RUNWATCH_SEND_QUEUE_BYTES=str(queue_bytes),
-    )
-    cmd = [sys.executable, "-m", "runtime.cli", "runtime", "--port", str(port)]
-    cmd += ["--agent", "flood=runtime.agents.flood:flood_agent"]
-    proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc, port
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("bench: the server did not start")
 
 
 async def _measure(pid: int, port: int, idle: int, flood: str) -> dict[str, float]:
@@ -124,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="runwatch-mem-") as tmp:
-        proc, port = _start(Path(tmp), args.queue_bytes)
+        proc, port = start_server(
+            Path(tmp),
+            None,
+            {"RUNWATCH_SEND_QUEUE_BYTES": str(args.queue_bytes)},
+            ["--agent", "flood=runtime.agents.flood:flood_agent"],
+        )
         try:
             result = asyncio.run(_measure(proc.pid, port, args.idle, args.flood))
         finally:
