@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -20,6 +19,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.config import Settings
+from runtime.events import now_us
 from runtime.store.recorder import AuditStore
 
 from .queries import RunFilter, list_runs, list_violations, run_detail, slo_figures
@@ -195,7 +195,7 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
 
     @router.get("/slo", response_model=Slo, summary="SLO figures over the last hour and day")
     async def slo(c: Conn) -> Slo:
-        now = time.time_ns() // 1000
+        now = now_us()
         windows = {}
         for name, seconds in (("hour", 3600.0), ("day", 86400.0)):
             windows[name] = SloWindow(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from runtime.events import Event, Receipt, new_id
+from runtime.events import Event, Receipt, new_id, now_us
 from runtime.lifecycle import RunLifecycle
 from runtime.store.migrate import upgrade
 from runtime.store.recorder import AuditStore, Batch, RunInfo
@@ -38,7 +38,7 @@ def _run_events(run_id: str, t0: int) -> list[Event]:
 
 
 async def _fill(store: AuditStore, runs: int) -> int:
-    t0 = time.time_ns() // 1000 - 600_000_000
+    t0 = now_us() - 600_000_000
     events_total = 0
     for start in range(0, runs, 100):
         batch = Batch()

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from typing import Any, TextIO
 
 from sqlalchemy import select
 
 from runtime.config import Settings
+from runtime.events import now_us
 from runtime.store.models import RunRow
 from runtime.store.recorder import AuditStore
 
@@ -91,7 +91,7 @@ def run_check(settings: Settings, *, since_s: float, run_id: str | None, as_json
     async def go() -> list[dict[str, Any]]:
         store = AuditStore.open(settings.database_url)
         try:
-            now = time.time_ns() // 1000
+            now = now_us()
             return await judge_runs(
                 store,
                 rule_config(settings),

@@ -37,6 +37,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from runtime.events import now_us
 from runtime.store.models import DeliveryRow, EventRow, RunRow
 from runtime.store.recorder import AuditStore, StoreError, event_from_row, receipt_from_row
 
@@ -47,10 +48,6 @@ from .rules import RuleConfig, RunFacts, RunState, Violation, check_run, run_sta
 __all__ = ["Checker", "CheckerConfig", "PassResult", "load_facts"]
 
 log = logging.getLogger("runwatch.monitor")
-
-
-def wall_us() -> int:
-    return time.time_ns() // 1000
 
 
 @dataclass(frozen=True)
@@ -123,7 +120,7 @@ class Checker:
         metrics: MonitorMetrics,
         config: CheckerConfig | None = None,
         *,
-        clock_us: Callable[[], int] = wall_us,
+        clock_us: Callable[[], int] = now_us,
     ) -> None:
         self.store = store
         self.metrics = metrics

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -14,6 +13,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 
 from runtime.config import Settings
+from runtime.events import now_us
 from runtime.store.recorder import AuditStore
 
 from .api import COOKIE, MonitorAuth
@@ -153,7 +153,7 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
     async def overview(request: Request) -> Response:
         if (denied := gate(request)) is not None:
             return denied
-        now = time.time_ns() // 1000
+        now = now_us()
         async with store.engine.connect() as conn:
             hour = await slo_figures(
                 conn, now_us=now, window_s=3600, delivery_slo_s=settings.delivery_slo_s
@@ -233,7 +233,7 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
     ) -> Response:
         if (denied := gate(request)) is not None:
             return denied
-        now = time.time_ns() // 1000
+        now = now_us()
         f = RunFilter(
             verdict=verdict if verdict in ("pass", "fail") else None,
             agent=(agent or None) and agent[:200],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import Any
 
 from .agents import AgentRegistry, ToolError
 from .broker import RedisBroker
-from .events import ErrorCode, Event
+from .events import ErrorCode, Event, now_us
 from .hub import Hub
 from .lifecycle import LifecycleError, RunLifecycle, RunOutcome
 from .metrics import RuntimeMetrics
@@ -36,10 +37,6 @@ from .tools import ToolArgumentError, ToolRegistry
 __all__ = ["Engine", "EngineConfig"]
 
 log = logging.getLogger("runwatch.engine")
-
-
-def wall_us() -> int:
-    return time.time_ns() // 1000
 
 
 @dataclass(frozen=True)
@@ -136,8 +133,6 @@ def _complete_if_open(
 
 
 def _jsonable(value: Any) -> Any:
-    import json
-
     try:
         json.dumps(value)
         return value
@@ -158,7 +153,7 @@ class Engine:
         tools: ToolRegistry,
         config: EngineConfig,
         *,
-        clock_us: Callable[[], int] = wall_us,
+        clock_us: Callable[[], int] = now_us,
     ) -> None:
         self.store = store
         self.writer = writer

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -27,6 +28,7 @@ __all__ = [
     "Receipt",
     "format_ts",
     "new_id",
+    "now_us",
     "parse_ts",
 ]
 
@@ -59,6 +61,11 @@ class ErrorCode(StrEnum):
     @property
     def retryable(self) -> bool:
         return self in (ErrorCode.TIMEOUT, ErrorCode.RUNTIME_RESTARTED, ErrorCode.INTERNAL)
+
+
+def now_us() -> int:
+    """The wall clock in epoch microseconds, the unit of every stored time."""
+    return time.time_ns() // 1000
 
 
 def new_id() -> str:

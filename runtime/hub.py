@@ -23,19 +23,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .events import Event, Receipt
+from .events import Event, Receipt, now_us
 from .metrics import RuntimeMetrics
-from .protocol import CloseCode, dumps
+from .protocol import CLOSE_REASONS, CloseCode, dumps
 from .store.recorder import AckUpdate
 from .store.writer import AuditWriter
 
 __all__ = ["Connection", "FailureReason", "Hub", "Transport"]
 
 log = logging.getLogger("runwatch.hub")
-
-
-def wall_us() -> int:
-    return time.time_ns() // 1000
 
 
 CLOSE_TIMEOUT_S = 5.0
@@ -175,7 +171,7 @@ class Connection:
     def _after_send(self, item: _Outgoing, metrics: RuntimeMetrics) -> None:
         event = item.event
         assert event is not None
-        now = wall_us()
+        now = now_us()
         metrics.events_sent.labels(type=event.type.value).inc()
         if item.replayed:
             metrics.replayed_events.inc()
@@ -244,8 +240,6 @@ class Connection:
 
 
 def _reason(code: int) -> str:
-    from .protocol import CLOSE_REASONS
-
     try:
         return CLOSE_REASONS[CloseCode(code)]
     except ValueError:
@@ -376,7 +370,7 @@ class Hub:
         if seq <= conn.acked.get(run_id, 0):
             return
         conn.acked[run_id] = seq
-        now = wall_us()
+        now = now_us()
         self.writer.record_ack(AckUpdate(conn.id, run_id, seq, now))
         track = self._tracks.get(run_id)
         if track is None:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ from .auth import AuthError, TokenAuthority, valid_user_id
 from .broker import RedisBroker
 from .config import Settings
 from .engine import Engine, EngineConfig
+from .events import now_us
 from .hub import Hub
 from .metrics import RuntimeMetrics
 from .protocol import CloseCode
@@ -123,7 +123,7 @@ class Runtime:
             and seq >= run.last_seq
             and run.settled_us is None
         ):
-            self.writer.settle(run_id, time.time_ns() // 1000)
+            self.writer.settle(run_id, now_us())
 
     async def start(self) -> None:
         self.writer.start()

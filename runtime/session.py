@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from .auth import AuthError, Identity
-from .events import new_id
+from .events import new_id, now_us
 from .hub import Connection
 from .protocol import (
     CLOSE_REASONS,
@@ -56,10 +56,6 @@ _BAD_FRAME_CODES = frozenset(
         ProtocolErrorCode.UNKNOWN_TYPE,
     }
 )
-
-
-def wall_us() -> int:
-    return time.time_ns() // 1000
 
 
 class _SocketTransport:
@@ -159,7 +155,7 @@ class Session:
     async def run(self) -> None:
         rt, conn = self.rt, self.conn
         rt.writer.connection_opened(
-            ConnectionOpen(conn.id, self.user_id, rt.settings.instance_id, self.client, wall_us())
+            ConnectionOpen(conn.id, self.user_id, rt.settings.instance_id, self.client, now_us())
         )
         expiry = asyncio.create_task(self._expire_at(self.identity.expires_at))
         try:
@@ -174,7 +170,7 @@ class Session:
             code = conn.close_code if conn.close_code is not None else self.close_code
             conn.close(code, send=False)
             rt.hub.remove(conn, code)
-            rt.writer.connection_closed(ConnectionClose(conn.id, wall_us(), int(code)))
+            rt.writer.connection_closed(ConnectionClose(conn.id, now_us(), int(code)))
             await conn.wait_closed()
 
     async def _expire_at(self, expires_at: float) -> None:
@@ -311,7 +307,7 @@ class Session:
             agent=agent,
             client_msg_id=chat.client_msg_id,
             instance_id=rt.settings.instance_id,
-            created_us=wall_us(),
+            created_us=now_us(),
             timeout_s=rt.settings.run_timeout_s,
         )
         run, duplicate = await rt.writer.create_run(info, new_thread)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..events import Event, Receipt
+from ..events import Event, Receipt, now_us
 from ..metrics import RuntimeMetrics
 from .journal import Journal, JournalFull
 from .recorder import (
@@ -41,10 +41,6 @@ from .recorder import (
 __all__ = ["AuditWriter"]
 
 log = logging.getLogger("runwatch.audit")
-
-
-def wall_us() -> int:
-    return time.time_ns() // 1000
 
 
 @dataclass(slots=True)
@@ -79,7 +75,7 @@ class AuditWriter:
         store: AuditStore,
         metrics: RuntimeMetrics,
         *,
-        clock_us: Callable[[], int] = wall_us,
+        clock_us: Callable[[], int] = now_us,
         max_batch: int = 1000,
         low_priority_delay_s: float = 0.05,
         retry_initial_s: float = 0.05,
