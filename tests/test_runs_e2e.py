@@ -21,14 +21,19 @@ async def test_plain_answer(live: LiveServer) -> None:
     run = await client.chat("hello there")
     events = await run.wait(10)
     assert_valid(events)
-    assert types(events) == [
+    kinds = types(events)
+    deltas = kinds.count("text_delta")
+    assert deltas >= 2, "the demo agent streams its answer"
+    assert kinds == [
         "agent_started",
         "agent_thinking",
         "agent_thinking",
+        *["text_delta"] * deltas,
         "final_report",
         "agent_completed",
     ]
     assert "arithmetic" in events[-2].data["text"]
+    assert "".join(e.data["text"] for e in events[3:-2]) == events[-2].data["text"]
     assert events[0].data == {"input": "hello there"}
     assert all(e.run_id == run.run_id and e.thread_id == run.thread_id for e in events)
 

@@ -2,6 +2,10 @@
 
 When a message matches several behaviours, the first of this order wins:
 crash, fail tool, wait, arithmetic, time, search.
+
+Every answer is streamed: :func:`stream_answer` sends it as ``text_delta`` chunks of a few words,
+paced like a model's tokens, and returns it whole, so the final report is exactly the
+concatenation of the deltas (SPEC section 2). Answers are short Markdown.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 from ..tools.builtin import MAX_WAIT_S
 from . import RunContext, ToolError
 
-__all__ = ["demo_agent", "find_expression"]
+__all__ = ["CHUNK_PAUSE_S", "chunks", "demo_agent", "find_expression", "stream_answer"]
 
 _WAIT = re.compile(r"\bwait\s+(\d+(?:\.\d+)?)", re.IGNORECASE)
 _SEARCH = re.compile(r"\bsearch\s+(.+)", re.IGNORECASE | re.DOTALL)
@@ -22,10 +26,34 @@ _NUMBER = r"(?:\d+(?:\.\d+)?|\.\d+)"
 _EXPR = re.compile(rf"[(\s\-+]*{_NUMBER}[)\s]*(?:(?:\*\*|//|[-+*/%^×÷])[(\s\-+]*{_NUMBER}[)\s]*)+")
 
 CAPABILITIES = (
-    'I can: do arithmetic ("what is 6*7"), tell the time or date, wait N seconds '
-    '("wait 5", thinking once a second), search the runwatch docs ("search resume"), '
-    'show a failing tool ("fail tool"), and crash on purpose ("crash").'
+    "I am the offline **demo** agent. I can:\n\n"
+    "- do arithmetic: `what is 6*7`\n"
+    "- tell the time or date: `what time is it`\n"
+    "- wait N seconds, thinking once a second: `wait 5`\n"
+    "- search the runwatch docs: `search resume`\n"
+    "- show a failing tool: `fail tool`\n"
+    "- crash on purpose: `crash`"
 )
+#: Pause between two streamed chunks: visible streaming, yet a whole answer takes well under 1 s.
+CHUNK_PAUSE_S = 0.02
+_TOKEN = re.compile(r"\s*\S+\s*|\s+")
+
+
+def chunks(text: str, words: int = 2) -> list[str]:
+    """``text`` in pieces of a few words; their concatenation is ``text``, character for
+    character (whitespace and newlines included)."""
+    tokens = _TOKEN.findall(text)
+    return ["".join(tokens[i : i + words]) for i in range(0, len(tokens), words)]
+
+
+async def stream_answer(ctx: RunContext, text: str) -> str:
+    """Stream ``text`` as ``text_delta`` chunks and return it: the final report must equal the
+    concatenation of the deltas."""
+    for n, piece in enumerate(chunks(text)):
+        if n:
+            await asyncio.sleep(CHUNK_PAUSE_S)
+        await ctx.delta(piece)
+    return text
 
 
 def find_expression(text: str) -> str | None:
@@ -43,6 +71,11 @@ def find_expression(text: str) -> str | None:
 
 
 async def demo_agent(ctx: RunContext) -> str:
+    """The demo agent: tools and thinking steps as the message asks, then a streamed answer."""
+    return await stream_answer(ctx, await _answer(ctx))
+
+
+async def _answer(ctx: RunContext) -> str:
     text = ctx.input
     lowered = text.lower()
     if "crash" in lowered:
@@ -53,7 +86,10 @@ async def demo_agent(ctx: RunContext) -> str:
         try:
             await ctx.tool("fail", {})
         except ToolError as exc:
-            return f"The `fail` tool failed as expected ({exc.message}); the run still completes."
+            return (
+                f"The `fail` tool failed as expected (*{exc.message}*); "
+                "the run still completes and explains."
+            )
         return "The fail tool unexpectedly succeeded."
     wait = _WAIT.search(text)
     if wait:
@@ -64,12 +100,12 @@ async def demo_agent(ctx: RunContext) -> str:
         try:
             result: dict[str, Any] = await ctx.tool("calculator", {"expression": expression})
         except ToolError as exc:
-            return f"I could not compute {expression}: {exc.message}."
-        return f"{expression} = {result['value']}"
+            return f"I could not compute `{expression}`: {exc.message}."
+        return f"`{expression}` = **{result['value']}**"
     if _TIME.search(text):
         await ctx.think("Checking the clock.")
         now: dict[str, Any] = await ctx.tool("clock", {})
-        return f"It is {now['time']} on {now['date']}."
+        return f"It is **{now['time']}** on {now['date']}."
     search = _SEARCH.search(text)
     if search:
         query = search.group(1).strip()[:200]
@@ -77,16 +113,16 @@ async def demo_agent(ctx: RunContext) -> str:
         found: dict[str, Any] = await ctx.tool("docs_search", {"query": query})
         hits = found.get("hits", [])
         if not hits:
-            return f"Nothing in the docs matches {query!r}."
-        lines = [f"- {h['file']} › {h['section']}: {h['snippet']}" for h in hits[:3]]
-        return f"Top matches for {query!r}:\n" + "\n".join(lines)
+            return f"Nothing in the docs matches *{_plain(query)}*."
+        lines = [f"- **{h['file']} › {_plain(h['section'])}**: {h['snippet']}" for h in hits[:3]]
+        return f"Top matches for *{_plain(query)}*:\n\n" + "\n".join(lines)
     await ctx.think("No tool needed; listing what I can do.")
     return CAPABILITIES
 
 
 async def _wait(ctx: RunContext, seconds: float) -> str:
     seconds = min(seconds, MAX_WAIT_S)
-    await ctx.think(f"Waiting {seconds:g} seconds.")
+    await ctx.think(f"Waiting {_seconds(seconds)}.")
     async with asyncio.TaskGroup() as tg:
         call = tg.create_task(ctx.tool("wait", {"seconds": seconds}))
         elapsed = 0
@@ -95,4 +131,13 @@ async def _wait(ctx: RunContext, seconds: float) -> str:
             if not done:
                 elapsed += 1
                 await ctx.think(f"Still waiting: {elapsed} of {seconds:g} seconds.")
-    return f"Waited {seconds:g} seconds."
+    return f"Waited {_seconds(seconds)}."
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:g} second" + ("" if seconds == 1 else "s")
+
+
+def _plain(text: str) -> str:
+    """Text shown inside Markdown emphasis: no stray markers, one line."""
+    return " ".join(text.replace("*", "").replace("`", "").split())

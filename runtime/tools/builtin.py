@@ -21,6 +21,7 @@ __all__ = [
     "docs_search_tool",
     "evaluate",
     "fail_tool",
+    "snippet",
     "wait_tool",
 ]
 
@@ -192,6 +193,24 @@ def fail_tool() -> Tool:
 _WORD = re.compile(r"[A-Za-z0-9_]{2,}")
 
 
+SNIPPET_CHARS = 240
+
+
+def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
+    """``text`` on one line, at most ``limit`` characters, cut between words (never inside one)
+    with an ellipsis; a code span the cut opened is closed again so it renders as code."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat[: limit - 1]
+    if flat[limit - 1] != " " and " " in cut:
+        cut = cut[: cut.rindex(" ")]
+    cut = cut.rstrip(" ,;:.-")
+    if cut.count("`") % 2:
+        cut += "`"
+    return cut + "…"
+
+
 def _search_docs(paths: list[Path], query: str, limit: int = 5) -> dict[str, Any]:
     terms = {w.lower() for w in _WORD.findall(query)}
     if not terms:
@@ -210,8 +229,7 @@ def _search_docs(paths: list[Path], query: str, limit: int = 5) -> dict[str, Any
             words = [w.lower() for w in _WORD.findall(stripped)]
             score = sum(words.count(t) for t in terms)
             if score:
-                snippet = " ".join(stripped.split())[:240]
-                hits.append((score, path.name, heading, snippet))
+                hits.append((score, path.name, heading, snippet(stripped)))
     hits.sort(key=lambda h: (-h[0], h[1], h[2]))
     return {
         "query": query,
