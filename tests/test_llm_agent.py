@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from starlette.routing import Route
 
 from runtime.events import EventType
 
-from .conftest import LiveServer, wait_until
+from .conftest import LiveServer, scale, wait_until
 from .invariants import assert_valid
 
 
@@ -31,6 +32,28 @@ def delta(**d: Any) -> dict[str, Any]:
 
 def finish(reason: str) -> dict[str, Any]:
     return {"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+
+
+REASONING = [
+    "The user asks for the answer to everything. ",
+    "That is a reference to a novel. ",
+    "In it, a computer thinks for millions of years. ",
+    "Its answer is a number. ",
+    "The number is forty-two. ",
+    "I will say so briefly.",
+]
+REASONING_PAUSE_S = 0.6  # six pieces: reasoning streams for over three seconds
+
+
+async def slow_reasoning(broken: bool) -> AsyncIterator[str]:
+    """Reasoning a piece at a time over several seconds, then the answer; or, when ``broken``,
+    the connection drops in the middle of the reasoning."""
+    for n, piece in enumerate(REASONING):
+        if broken and n == 4:
+            raise ConnectionResetError("the model server went away")
+        yield sse([delta(reasoning_content=piece)])[: -len("data: [DONE]\n\n")]
+        await asyncio.sleep(REASONING_PAUSE_S)
+    yield sse([delta(content="It is "), delta(content="42."), finish("stop")])
 
 
 class FakeOpenAI:
@@ -48,6 +71,10 @@ class FakeOpenAI:
         self.headers.append(dict(request.headers))
         if self.mode == "error":
             return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
+        if self.mode in ("slow_reasoning", "broken"):
+            return StreamingResponse(
+                slow_reasoning(self.mode == "broken"), media_type="text/event-stream"
+            )
         has_tool_result = any(m.get("role") == "tool" for m in body["messages"])
         if self.mode == "tools" and not has_tool_result:
             chunks = [
@@ -159,3 +186,46 @@ async def test_missing_configuration_fails_clearly(
     events = await (await client.chat("hi", agent="llm")).wait(20)
     assert events[-1].data["code"] == "agent_failed"
     assert "RUNWATCH_LLM_BASE_URL is not set" in events[-1].data["message"]
+
+
+async def test_reasoning_streams_live_as_thinking_steps(
+    live: LiveServer, llm_env: FakeOpenAI
+) -> None:
+    """Reasoning that takes seconds is shown while it arrives, not when the turn ends."""
+    llm_env.mode = "slow_reasoning"
+    client = await live.client("alice")
+    run = await client.chat("what is the answer?", agent="llm")
+    started = time.monotonic()
+    arrivals: list[tuple[float, Any]] = []
+    async for event in run:
+        arrivals.append((time.monotonic() - started, event))
+    events = [e for _, e in arrivals]
+    assert_valid(events)
+    assert events[-1].type == EventType.AGENT_COMPLETED
+    steps = [(t, e.data["text"]) for t, e in arrivals if e.type == EventType.AGENT_THINKING]
+    reasoning = [(t, text) for t, text in steps if text in {p.strip() for p in REASONING}]
+    assert [text for _, text in reasoning] == [p.strip() for p in REASONING]
+    answer_at = next(t for t, e in arrivals if e.type == EventType.TEXT_DELTA)
+    # The first thought reached the client seconds before the answer began, and the thoughts
+    # arrived spread over the reasoning, not in one burst at its end.
+    assert answer_at - reasoning[0][0] >= 4 * REASONING_PAUSE_S
+    assert reasoning[-1][0] - reasoning[0][0] >= 3 * REASONING_PAUSE_S
+    assert reasoning[0][0] < 2.0 * scale()
+    final = next(e for e in events if e.type == EventType.FINAL_REPORT)
+    assert final.data["text"] == "It is 42."
+
+
+async def test_reasoning_is_kept_when_the_stream_breaks(
+    live: LiveServer, llm_env: FakeOpenAI
+) -> None:
+    llm_env.mode = "broken"
+    client = await live.client("alice")
+    events = await (await client.chat("what is the answer?", agent="llm")).wait(30)
+    assert_valid(events)
+    thoughts = [e.data["text"] for e in events if e.type == EventType.AGENT_THINKING]
+    for piece in REASONING[:4]:
+        assert piece.strip() in thoughts, thoughts
+    assert REASONING[4].strip() not in thoughts
+    assert events[-1].type == EventType.AGENT_ERROR
+    assert events[-1].data["code"] == "agent_failed"
+    assert "stream broke" in events[-1].data["message"]

@@ -6,9 +6,12 @@ Configuration, read when a run starts: ``RUNWATCH_LLM_BASE_URL`` (e.g.
 a bearer token, never logged), ``RUNWATCH_LLM_TIMEOUT_S`` (per request, default 60),
 ``RUNWATCH_LLM_MAX_STEPS`` (model and tool rounds, default 8).
 
-Streamed content goes out as ``ctx.delta`` chunks; reasoning (``reasoning_content``) as
-``ctx.think`` steps; tool calls through ``ctx.tool`` (so the runtime emits their events), with
-results or errors fed back to the model. The returned text is the final report.
+Streamed content goes out as ``ctx.delta`` chunks as it arrives. Reasoning (``reasoning_content``
+or ``reasoning`` deltas, as vLLM, llama.cpp server, Ollama and others send it) goes out live as
+``ctx.think`` steps, a sentence or a paragraph at a time (see :class:`_Reasoning`), and what
+arrived before a broken stream is still emitted before the run fails. Tool calls go through
+``ctx.tool`` (so the runtime emits their events), with results or errors fed back to the model.
+The returned text is the final report.
 
 Exceptions::
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +77,47 @@ class _Config:
         return cls(base.rstrip("/"), model, os.environ.get("RUNWATCH_LLM_API_KEY"), timeout, steps)
 
 
+_SENTENCE_END = re.compile(r"[.!?:;]\s+|\n")
+
+
+class _Reasoning:
+    """Streams a model's reasoning as thinking steps while it arrives.
+
+    Pieces are buffered and flushed as one ``agent_thinking`` step at the end of a sentence or a
+    line, when ``max_wait_s`` passed since the last step or ``max_chars`` are waiting, and
+    always when the reasoning ends (content or a tool call starts, the stream ends or breaks).
+    """
+
+    def __init__(self, ctx: RunContext, *, max_wait_s: float = 1.0, max_chars: int = 600) -> None:
+        self._ctx = ctx
+        self._buffer = ""
+        self._last = time.monotonic()
+        self.max_wait_s = max_wait_s
+        self.max_chars = max_chars
+        self.text = ""
+
+    async def add(self, piece: str) -> None:
+        self._buffer += piece
+        self.text += piece
+        if len(self._buffer) >= self.max_chars or time.monotonic() - self._last >= self.max_wait_s:
+            await self.flush()
+            return
+        ends = list(_SENTENCE_END.finditer(self._buffer))
+        if ends:
+            cut = ends[-1].end()
+            head, self._buffer = self._buffer[:cut], self._buffer[cut:]
+            await self._step(head)
+
+    async def flush(self) -> None:
+        head, self._buffer = self._buffer, ""
+        await self._step(head)
+
+    async def _step(self, text: str) -> None:
+        self._last = time.monotonic()
+        if text.strip():
+            await self._ctx.think(text.strip()[:4000])
+
+
 @dataclass
 class _Turn:
     content: str = ""
@@ -90,6 +136,7 @@ async def _stream_turn(
         body["tool_choice"] = "auto"
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     turn = _Turn()
+    reasoning = _Reasoning(ctx)
     try:
         async with client.stream(
             "POST", f"{cfg.base_url}/chat/completions", json=body, headers=headers
@@ -112,13 +159,16 @@ async def _stream_turn(
                     raise LLMError("malformed stream chunk from the model endpoint") from None
                 for choice in chunk.get("choices") or []:
                     delta = choice.get("delta") or choice.get("message") or {}
+                    thought = delta.get("reasoning_content") or delta.get("reasoning")
+                    if thought:
+                        await reasoning.add(str(thought))
                     content = delta.get("content")
                     if content:
+                        await reasoning.flush()
                         turn.content += str(content)
                         await ctx.delta(str(content))
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                    if reasoning:
-                        turn.reasoning += reasoning
+                    if delta.get("tool_calls"):
+                        await reasoning.flush()
                     for call in delta.get("tool_calls") or []:
                         slot = turn.tool_calls.setdefault(
                             int(call.get("index", 0)), {"id": "", "name": "", "arguments": ""}
@@ -130,9 +180,16 @@ async def _stream_turn(
                     if choice.get("finish_reason"):
                         turn.finish_reason = choice["finish_reason"]
     except httpx.HTTPError as exc:
+        # Reasoning that arrived is shown, also when the stream broke before the turn ended.
+        await reasoning.flush()
+        if reasoning.text or turn.content or turn.tool_calls:
+            raise LLMError(f"the model's stream broke: {type(exc).__name__}") from exc
         raise LLMError(f"cannot reach the model endpoint: {type(exc).__name__}") from exc
-    if turn.reasoning.strip():
-        await ctx.think(turn.reasoning.strip()[:4000])
+    except LLMError:
+        await reasoning.flush()
+        raise
+    await reasoning.flush()
+    turn.reasoning = reasoning.text
     return turn
 
 
