@@ -156,7 +156,7 @@ async def thread_runs(
     ).scalar_one_or_none()
     if owner != user_id:
         return None
-    rows = (
+    newest = (
         await conn.execute(
             select(RunRow)
             .where(RunRow.thread_id == thread_id, RunRow.user_id == user_id)
@@ -164,7 +164,7 @@ async def thread_runs(
             .limit(limit)
         )
     ).all()
-    rows.reverse()
+    rows = list(reversed(newest))
     inputs = await _inputs(conn, [r.run_id for r in rows])
     return [
         ThreadRun(
