@@ -17,7 +17,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import websockets
@@ -34,6 +36,26 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+async def idle_connection_cost(
+    pid: int, connect: Callable[[int], Awaitable[Any]], count: int, settle_s: float = 2.0
+) -> dict[str, float]:
+    """The server's resident memory before and with ``count`` idle connections, each opened by
+    ``connect(i)`` (which returns something with an async ``close()``), and the cost of one."""
+    await asyncio.sleep(settle_s)
+    base = rss_mib(pid)
+    conns = [await connect(i) for i in range(count)]
+    await asyncio.sleep(settle_s)
+    with_idle = rss_mib(pid)
+    for conn in conns:
+        await conn.close()
+    return {
+        "base_mib": round(base, 1),
+        "idle_connections": count,
+        "with_idle_mib": round(with_idle, 1),
+        "per_idle_connection_kib": round((with_idle - base) * 1024 / max(count, 1), 1),
+    }
+
+
 async def _measure(pid: int, port: int, idle: int, flood: str) -> dict[str, float]:
     url = f"ws://127.0.0.1:{port}/ws"
     tokens = TokenAuthority(SECRET)
@@ -41,19 +63,14 @@ async def _measure(pid: int, port: int, idle: int, flood: str) -> dict[str, floa
     await warm.connect()
     await (await warm.chat("what is 1+1")).wait(10)
     await warm.close()
-    await asyncio.sleep(1)
-    base = rss_mib(pid)
 
-    conns = []
-    for i in range(idle):
+    async def connect(i: int) -> websockets.ClientConnection:
         ws = await websockets.connect(url)
         await ws.send(json.dumps({"type": "connect", "token": tokens.mint(f"idle{i // 10}")}))
         await ws.recv()
-        conns.append(ws)
-    await asyncio.sleep(2)
-    with_idle = rss_mib(pid)
-    for ws in conns:
-        await ws.close()
+        return ws
+
+    idle_cost = await idle_connection_cost(pid, connect, idle)
     await asyncio.sleep(2)
     after_idle = rss_mib(pid)
 
@@ -80,10 +97,7 @@ async def _measure(pid: int, port: int, idle: int, flood: str) -> dict[str, floa
     peak = max(peak, rss_mib(pid))
     sock.close()
     return {
-        "base_mib": round(base, 1),
-        "idle_connections": idle,
-        "with_idle_mib": round(with_idle, 1),
-        "per_idle_connection_kib": round((with_idle - base) * 1024 / max(idle, 1), 1),
+        **idle_cost,
         "after_idle_closed_mib": round(after_idle, 1),
         "slow_consumer_peak_mib": round(peak, 1),
         "slow_consumer_extra_mib": round(peak - after_idle, 1),
