@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from runtime import __version__
+from runtime.apidocs import build_docs_router
 from runtime.config import Settings
 from runtime.store.recorder import AuditStore
 
@@ -74,11 +75,12 @@ def create_monitor_app(settings: Settings, registry: CollectorRegistry | None = 
         title="runwatch monitor",
         version=__version__,
         lifespan=lifespan,
-        docs_url="/api/docs",
+        docs_url=None,  # /api/docs is runtime.apidocs' offline page
         openapi_url="/api/openapi.json",
         redoc_url=None,
     )
     app.state.checker = checker
+    app.include_router(build_docs_router())
     _mount(app, store, settings)
 
     @app.get("/metrics", include_in_schema=False)

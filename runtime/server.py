@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from . import __version__
 from .agents import AgentRegistry
+from .apidocs import build_docs_router
 from .auth import AuthError, TokenAuthority, valid_user_id
 from .broker import RedisBroker
 from .config import Settings
@@ -36,6 +37,7 @@ from .session import serve_socket
 from .store.journal import Journal
 from .store.recorder import AuditStore
 from .store.writer import AuditWriter
+from .threads import build_threads_router
 from .tools import ToolRegistry, builtin_tools
 
 __all__ = ["Runtime", "create_app", "is_loopback"]
@@ -183,11 +185,13 @@ def create_app(rt: Runtime) -> FastAPI:
         title="runwatch",
         version=__version__,
         lifespan=lifespan,
-        docs_url="/api/docs",
+        docs_url=None,  # /api/docs is apidocs.py's offline page
         openapi_url="/api/openapi.json",
         redoc_url=None,
     )
     app.state.runtime = rt
+    app.include_router(build_docs_router())
+    app.include_router(build_threads_router(rt))
 
     @app.websocket("/ws")
     async def ws_endpoint(websocket: WebSocket) -> None:

@@ -32,7 +32,7 @@ import httpx
 
 from . import RunContext, ToolError
 
-__all__ = ["LLMConfigError", "LLMError", "llm_agent"]
+__all__ = ["LLMConfigError", "LLMError", "config_problem", "llm_agent"]
 
 SYSTEM_PROMPT = "You are a helpful assistant. Use the tools when they help; answer concisely."
 
@@ -116,6 +116,15 @@ class _Reasoning:
         self._last = time.monotonic()
         if text.strip():
             await self._ctx.think(text.strip()[:4000])
+
+
+def config_problem() -> str | None:
+    """Why the ``llm`` agent cannot run with this environment, or ``None`` when it can."""
+    try:
+        _Config.from_env()
+    except LLMConfigError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass
