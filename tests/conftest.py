@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from runtime.config import Settings
 from runtime.server import Runtime, create_app
 from runtime.store.migrate import upgrade
 from runtime.store.recorder import AuditStore
+from runtime.tools import ToolRegistry
 
 JWT_SECRET = "test-secret-not-for-production-0123456789"
 PG_ADMIN_DSN = os.environ.get("RUNWATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -177,10 +178,10 @@ class LiveServer:
 
 @asynccontextmanager
 async def serve_runtime(
-    settings: Settings, agents: AgentRegistry | None = None
+    settings: Settings, agents: AgentRegistry | None = None, tools: ToolRegistry | None = None
 ) -> AsyncIterator[LiveServer]:
     await asyncio.to_thread(upgrade, settings.database_url)
-    rt = Runtime(settings, agents=agents)
+    rt = Runtime(settings, agents=agents, tools=tools)
     app = create_app(rt)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -256,6 +257,7 @@ def start_server_process(
     port: int | None = None,
     command: str = "serve",
     name: str = "server",
+    args: Sequence[str] = (),
 ) -> ServerProcess:
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNWATCH_")}
@@ -273,6 +275,7 @@ def start_server_process(
                 "127.0.0.1",
                 "--port",
                 str(port),
+                *args,
             ],
             env=env,
             stdout=log_file,
