@@ -24,16 +24,15 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
 from .events import Event
+from .pipeline import Emitted
 
-if TYPE_CHECKING:
-    from .server import Runtime
-
-__all__ = ["RedisBroker"]
+__all__ = ["BrokerInbound", "RedisBroker"]
 
 log = logging.getLogger("runwatch.broker")
 
@@ -41,14 +40,28 @@ PRESENCE_EVERY_S = 5.0
 PRESENCE_TTL_S = 20.0
 
 
+class BrokerInbound(Protocol):
+    """What this replica does with the other replicas' fan-out."""
+
+    def remote_event(self, event: Event, owner: str, live: bool) -> None: ...
+
+    def remote_run_started(self, run_id: str, owner: str) -> None: ...
+
+    def remote_cancel(self, run_id: str) -> None: ...
+
+    def remote_ack(self, run_id: str, seq: int, acked_us: int) -> None: ...
+
+    def local_users(self) -> set[str]: ...
+
+
 class RedisBroker:
     """Publishes this replica's fan-out and applies the other replicas'."""
 
-    def __init__(self, url: str, rt: Runtime, channel: str = "runwatch:fanout") -> None:
+    def __init__(self, url: str, instance_id: str, channel: str = "runwatch:fanout") -> None:
         self.url = url
-        self.rt = rt
         self.channel = channel
-        self.instance = rt.settings.instance_id
+        self.instance = instance_id
+        self._inbound: BrokerInbound | None = None
         self._redis: aioredis.Redis | None = None
         self._outbox: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -57,7 +70,8 @@ class RedisBroker:
         self.received = 0
         self.published = 0
 
-    async def start(self) -> None:
+    async def start(self, inbound: BrokerInbound) -> None:
+        self._inbound = inbound
         self._redis = aioredis.from_url(self.url, decode_responses=True)
         pubsub = self._redis.pubsub()
         await pubsub.subscribe(self.channel)
@@ -87,12 +101,19 @@ class RedisBroker:
     async def _publish_loop(self) -> None:
         assert self._redis is not None
         while True:
-            message = await self._outbox.get()
+            messages = [await self._outbox.get()]
+            while not self._outbox.empty() and len(messages) < 500:
+                messages.append(self._outbox.get_nowait())
             while True:
                 try:
-                    await self._redis.publish(self.channel, message)
-                    self.published += 1
-                    self._outbox.task_done()
+                    # One round trip for everything queued, in order.
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for message in messages:
+                            pipe.publish(self.channel, message)
+                        await pipe.execute()
+                    self.published += len(messages)
+                    for _ in messages:
+                        self._outbox.task_done()
                     break
                 except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
                     log.warning("redis publish failed (%s); retrying", exc)
@@ -101,8 +122,14 @@ class RedisBroker:
     def run_started(self, run_id: str, owner: str) -> None:
         self._send("run", run=run_id, u=owner)
 
-    def event(self, event: Event, owner: str, live: bool) -> None:
-        self._send("ev", u=owner, live=live, e=event.to_dict())
+    def committed(self, items: Sequence[Emitted]) -> None:
+        """The writer's sink: publish committed events, reusing each one's serialized JSON."""
+        head = json.dumps(self.instance)
+        for item in items:
+            self._outbox.put_nowait(
+                f'{{"k":"ev","i":{head},"u":{json.dumps(item.owner)},'
+                f'"live":{"true" if item.live else "false"},"e":{item.text}}}'
+            )
 
     async def cancel(self, run_id: str) -> None:
         self._send("cancel", run=run_id)
@@ -110,12 +137,13 @@ class RedisBroker:
     def ack(self, run_id: str, seq: int, acked_us: int) -> None:
         self._send("ack", run=run_id, seq=seq, t=acked_us)
 
-    def presence_changed(self) -> None:
-        self._send("presence", users=sorted(self.rt.hub.users()))
+    def presence_changed(self, users: set[str]) -> None:
+        self._send("presence", users=sorted(users))
 
     async def _presence_loop(self) -> None:
+        assert self._inbound is not None
         while True:
-            self.presence_changed()
+            self.presence_changed(self._inbound.local_users())
             await asyncio.sleep(PRESENCE_EVERY_S)
 
     def owner_elsewhere(self, user_id: str) -> bool:
@@ -150,15 +178,16 @@ class RedisBroker:
             return
         self.received += 1
         kind = msg.get("k")
-        hub, engine = self.rt.hub, self.rt.engine
+        inbound = self._inbound
+        assert inbound is not None
         if kind == "ev":
-            hub.publish(Event.from_dict(msg["e"]), str(msg["u"]), bool(msg["live"]))
+            inbound.remote_event(Event.from_dict(msg["e"]), str(msg["u"]), bool(msg["live"]))
         elif kind == "run":
-            hub.run_started(str(msg["run"]), str(msg["u"]), track=False)
+            inbound.remote_run_started(str(msg["run"]), str(msg["u"]))
         elif kind == "cancel":
-            engine.cancel(str(msg["run"]))
+            inbound.remote_cancel(str(msg["run"]))
         elif kind == "ack":
-            hub.remote_ack(str(msg["run"]), int(msg["seq"]), int(msg["t"]))
+            inbound.remote_ack(str(msg["run"]), int(msg["seq"]), int(msg["t"]))
         elif kind == "presence":
             now = time.monotonic()
             users = set(msg.get("users", []))

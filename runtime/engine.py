@@ -8,9 +8,13 @@ emitted together, or ``agent_error`` with ``agent_failed``, ``timeout``, ``cance
 ``tool_executing`` and, in a ``finally``, ``tool_completed`` (I4); the supervisor closes any tool
 call still open before the terminal event.
 
-Every emission goes through :meth:`Engine._emit`: seq assigned under the run's lock (I1), the
-event committed to the audit store (I6), then handed to the hub for the owner's sockets (I7).
-Emissions are shielded from cancellation, so a cancel can never leave an event half-emitted.
+Every emission goes through :meth:`Engine._emit`: the lifecycle assigns seq, ts and event_id
+(I1, I5) synchronously, the envelope is serialized once, and the events go to the writer through
+the run's bounded outbox (see :mod:`runtime.pipeline`); the writer commits them in groups and
+hands them, committed, to the hub and the broker (I6, I7). The agent waits only when its outbox
+is full, and for the commit of a ``tool_executing`` (before the tool runs) and of the terminal
+event (before the run counts as finished). One emission's events are created and queued with no
+await in between, so a cancel never splits them (``final_report`` + ``agent_completed``).
 """
 
 from __future__ import annotations
@@ -21,15 +25,15 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .agents import AgentRegistry, ToolError
-from .broker import RedisBroker
-from .events import ErrorCode, Event, now_us
+from .events import ErrorCode, Event, EventType, now_us
 from .hub import Hub
 from .lifecycle import LifecycleError, RunLifecycle, RunOutcome
 from .metrics import RuntimeMetrics
+from .pipeline import Emitted, Outbox, RunSink
 from .store.recorder import AuditStore, RunInfo
 from .store.writer import AuditWriter
 from .tools import ToolArgumentError, ToolRegistry
@@ -46,6 +50,8 @@ class EngineConfig:
     #: How long a cancelled agent gets to unwind before the run is ended without it.
     cancel_grace_s: float = 0.5
     instance_id: str = "runwatch"
+    #: Events a run may have emitted and not yet handed to a commit; the agent waits beyond.
+    outbox_limit: int = 1024
 
 
 @dataclass
@@ -53,7 +59,7 @@ class _ActiveRun:
     info: RunInfo
     input: str
     lc: RunLifecycle
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    outbox: Outbox
     supervisor: asyncio.Task[None] | None = None
     inner: asyncio.Future[str] | None = None
     #: Why the run is being stopped early (cancel, timeout, shutdown), if it is.
@@ -88,7 +94,8 @@ class _Context:
         args = dict(args or {})
         run.tool_seq += 1
         call_id = f"call_{run.tool_seq}"
-        await engine._emit(run, lambda lc: [lc.tool_executing(call_id, name, args)])
+        # The tool's side effects happen only once its tool_executing is committed (I6).
+        await engine._emit(run, lambda lc: [lc.tool_executing(call_id, name, args)], durable=True)
         started = time.monotonic()
         status, error, result = "error", "cancelled", None
         try:
@@ -148,6 +155,7 @@ class Engine:
         store: AuditStore,
         writer: AuditWriter,
         hub: Hub,
+        sink: RunSink,
         metrics: RuntimeMetrics,
         agents: AgentRegistry,
         tools: ToolRegistry,
@@ -158,6 +166,7 @@ class Engine:
         self.store = store
         self.writer = writer
         self.hub = hub
+        self.sink = sink
         self.metrics = metrics
         self.agents = agents
         self.tools = tools
@@ -165,31 +174,42 @@ class Engine:
         self.clock_us = clock_us
         self.active: dict[str, _ActiveRun] = {}
         self.accepting = True
-        self.broker: RedisBroker | None = None
+        self._emitted = {t.value: metrics.events_emitted.labels(type=t.value) for t in EventType}
+        self._deferred = {t.value: metrics.events_deferred.labels(type=t.value) for t in EventType}
 
     # ---- emission -----------------------------------------------------------------------
 
-    async def _emit(self, run: _ActiveRun, make: Callable[[RunLifecycle], list[Event]]) -> None:
-        """Create, commit and publish events; shielded so a cancel never splits it."""
-        await asyncio.shield(self._emit_locked(run, make))
-
-    async def _emit_locked(
-        self, run: _ActiveRun, make: Callable[[RunLifecycle], list[Event]]
+    async def _emit(
+        self,
+        run: _ActiveRun,
+        make: Callable[[RunLifecycle], list[Event]],
+        *,
+        durable: bool = False,
     ) -> None:
-        async with run.lock:
-            for event in make(run.lc):
-                await self._commit_and_publish(event, run.info.user_id)
+        """Emit the events ``make`` creates; with ``durable``, return once they are committed.
 
-    async def _commit_and_publish(self, event: Event, owner: str) -> None:
+        The wait for outbox space comes before the events exist, so a cancel there emits
+        nothing; once created, the events are queued with no await in between."""
+        await run.outbox.wait_space()
+        last: Emitted | None = None
+        for event in make(run.lc):
+            last = self._submit(event, run.info.user_id, run.outbox)
+        if durable and last is not None:
+            last.durable = asyncio.get_running_loop().create_future()
+            # Shielded: a cancel of the waiter leaves the event queued for its commit.
+            await asyncio.shield(last.durable)
+
+    def _submit(self, event: Event, owner: str, outbox: Outbox | None) -> Emitted:
         kind = event.type.value
         live = self.hub.is_watched(event.run_id, owner)
-        self.metrics.events_emitted.labels(type=kind).inc()
+        self._emitted[kind].inc()
         if not live:
-            self.metrics.events_deferred.labels(type=kind).inc()
-        await self.writer.persist(event, live)  # I6: committed before any socket sees it
-        self.hub.publish(event, owner, live)
-        if self.broker is not None:
-            self.broker.event(event, owner, live)
+            self._deferred[kind].inc()
+        item = Emitted.of(event, owner, live, outbox)
+        if outbox is not None:
+            outbox.add()
+        self.writer.submit(item)
+        return item
 
     # ---- runs ---------------------------------------------------------------------------
 
@@ -199,11 +219,9 @@ class Engine:
         lc = RunLifecycle(
             run_id=info.run_id, thread_id=info.thread_id, agent=info.agent, clock_us=self.clock_us
         )
-        run = _ActiveRun(info=info, input=text, lc=lc)
+        run = _ActiveRun(info=info, input=text, lc=lc, outbox=Outbox(self.config.outbox_limit))
         self.active[info.run_id] = run
-        self.hub.run_started(info.run_id, info.user_id)
-        if self.broker is not None:
-            self.broker.run_started(info.run_id, info.user_id)
+        self.sink.run_started(info.run_id, info.user_id)
         self.metrics.runs_started.labels(agent=info.agent).inc()
         run.supervisor = asyncio.create_task(self._supervise(run), name=f"run-{info.run_id}")
 
@@ -228,6 +246,7 @@ class Engine:
             )
             code, message, answer = await self._run_agent(run, started)
             run.finishing = True
+            # The terminal event is committed before the run counts as finished (I8).
             if code is None:
                 await self._emit(
                     run,
@@ -236,14 +255,17 @@ class Engine:
                         lc.final_report(answer),
                         lc.completed(),
                     ],
+                    durable=True,
                 )
             else:
-                await self._emit(run, lambda lc: lc.fail(code, message))
+                await self._emit(run, lambda lc: lc.fail(code, message), durable=True)
         except Exception:
             log.exception("run %s: internal error", info.run_id)
             with contextlib.suppress(Exception):
                 if not run.lc.ended:
-                    await self._emit(run, lambda lc: lc.fail(ErrorCode.INTERNAL, "internal error"))
+                    await self._emit(
+                        run, lambda lc: lc.fail(ErrorCode.INTERNAL, "internal error"), durable=True
+                    )
         finally:
             self.active.pop(info.run_id, None)
             outcome = run.lc.outcome or RunOutcome.ERROR
@@ -311,8 +333,9 @@ class Engine:
                     "the runtime restarted while this run was in progress",
                 )
             )
-            for event in new:
-                await self._commit_and_publish(event, info.user_id)
+            items = [self._submit(event, info.user_id, None) for event in new]
+            items[-1].durable = asyncio.get_running_loop().create_future()
+            await items[-1].durable
             self.metrics.runs_finished.labels(
                 agent=info.agent, outcome=RunOutcome.RUNTIME_RESTARTED
             ).inc()

@@ -19,15 +19,15 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .events import Event, Receipt, now_us
+from .events import Event, EventType, Receipt, now_us
 from .metrics import RuntimeMetrics
+from .pipeline import Emitted
 from .protocol import CLOSE_REASONS, CloseCode, dumps
 from .store.recorder import AckUpdate
-from .store.writer import AuditWriter
 
 __all__ = ["Connection", "FailureReason", "Hub", "Transport"]
 
@@ -43,6 +43,26 @@ class Transport(Protocol):
     async def send_text(self, text: str) -> None: ...
 
     async def close(self, code: int, reason: str) -> None: ...
+
+
+class DeliveryRecorder(Protocol):
+    """Where the hub records deliveries (the audit writer's low-priority queue)."""
+
+    def record_receipt(self, receipt: Receipt) -> None: ...
+
+    def record_ack(self, ack: AckUpdate) -> None: ...
+
+    def settle(self, run_id: str, settled_us: int) -> None: ...
+
+
+class Remote(Protocol):
+    """Other replicas, as the hub sees them (the Redis broker)."""
+
+    def owner_elsewhere(self, user_id: str) -> bool: ...
+
+    def ack(self, run_id: str, seq: int, acked_us: int) -> None: ...
+
+    def presence_changed(self, users: set[str]) -> None: ...
 
 
 class FailureReason:
@@ -73,6 +93,16 @@ class _Outgoing:
     event: Event | None = None
     live: bool = False
     replayed: bool = False
+
+
+class _TypeCounters:
+    """Per-type metric children resolved once, not per event."""
+
+    def __init__(self, metrics: RuntimeMetrics) -> None:
+        types = [t.value for t in EventType]
+        self.sent = {t: metrics.events_sent.labels(type=t) for t in types}
+        self.acked = {t: metrics.events_acked.labels(type=t) for t in types}
+        self.delivery = {t: metrics.delivery_seconds.labels(type=t) for t in types}
 
 
 @dataclass
@@ -111,6 +141,8 @@ class Connection:
         self.subscribed: set[str] = set()
         self.resuming: dict[str, list[Event]] = {}
         self.sent: dict[str, int] = {}
+        #: Highest seq per run that was queued here but never written (the queue was dropped).
+        self.dropped: dict[str, int] = {}
         self.acked: dict[str, int] = {}
         self.closed = False
         self.close_code: int | None = None
@@ -131,8 +163,11 @@ class Connection:
     def send_frame(self, frame: dict[str, Any]) -> None:
         self._enqueue(_Outgoing(dumps(frame)))
 
-    def send_event(self, event: Event, *, live: bool, replayed: bool = False) -> None:
-        self._enqueue(_Outgoing(event.to_json(), event, live, replayed))
+    def send_event(
+        self, event: Event, *, live: bool, replayed: bool = False, text: str | None = None
+    ) -> None:
+        """Queue an event frame; ``text`` is its JSON when already serialized (live sends)."""
+        self._enqueue(_Outgoing(text or event.to_json(), event, live, replayed))
 
     def _enqueue(self, item: _Outgoing) -> None:
         if self.closed:
@@ -140,6 +175,8 @@ class Connection:
         size = len(item.text)
         if self.queued_bytes + size > self.max_queue_bytes and self._queue:
             # The client is not reading: close it rather than buffer without bound.
+            if item.event is not None:
+                self.dropped[item.event.run_id] = item.event.seq
             self.close(CloseCode.SLOW_CONSUMER)
             return
         self.queued_bytes += size
@@ -147,6 +184,7 @@ class Connection:
         self._wakeup.set()
 
     async def _send_loop(self) -> None:
+        counters = self.hub.counters
         metrics = self.hub.metrics
         try:
             while True:
@@ -160,7 +198,7 @@ class Connection:
                     if self.queued_bytes <= self.max_queue_bytes // 2:
                         self._writable.set()
                     if item.event is not None:
-                        self._after_send(item, metrics)
+                        self._after_send(item, counters, metrics)
                 self._emptied.set()
         except asyncio.CancelledError:
             raise
@@ -168,18 +206,20 @@ class Connection:
             log.debug("send to %s failed: %r", self.id, exc)
             self.close(CloseCode.GOING_AWAY, send=False)
 
-    def _after_send(self, item: _Outgoing, metrics: RuntimeMetrics) -> None:
+    def _after_send(
+        self, item: _Outgoing, counters: _TypeCounters, metrics: RuntimeMetrics
+    ) -> None:
         event = item.event
         assert event is not None
         now = now_us()
-        metrics.events_sent.labels(type=event.type.value).inc()
+        counters.sent[event.type.value].inc()
         if item.replayed:
             metrics.replayed_events.inc()
         elif item.live:
             metrics.send_seconds.observe(max(0, now - event.ts_us) / 1e6)
         if event.seq > self.sent.get(event.run_id, 0):
             self.sent[event.run_id] = event.seq
-        self.hub.writer.record_receipt(
+        self.hub.recorder.record_receipt(
             Receipt(
                 event_id=event.event_id,
                 run_id=event.run_id,
@@ -200,6 +240,10 @@ class Connection:
         self.closed = True
         self.close_code = code
         self.done.set()
+        # Events queued for this connection and never written count as not delivered too.
+        for item in self._queue:
+            if item.event is not None and item.event.seq > self.dropped.get(item.event.run_id, 0):
+                self.dropped[item.event.run_id] = item.event.seq
         self._queue.clear()
         self.queued_bytes = 0
         self._writable.set()
@@ -252,25 +296,28 @@ class Hub:
     def __init__(
         self,
         metrics: RuntimeMetrics,
-        writer: AuditWriter,
+        recorder: DeliveryRecorder,
         *,
+        settle_unknown: Callable[[str, int], Awaitable[None]] | None = None,
+        remote: Remote | None = None,
         max_connections_per_user: int = 10,
         max_queue_bytes: int = 1_048_576,
         track_ttl_s: float = 600.0,
     ) -> None:
         self.metrics = metrics
-        self.writer = writer
+        self.counters = _TypeCounters(metrics)
+        self.recorder = recorder
+        #: Settles a run this hub does not track (run elsewhere or before a restart) once an
+        #: ack reaches its last seq.
+        self.settle_unknown = settle_unknown
+        #: Other replicas: an owner connected elsewhere, acks of runs running elsewhere, and
+        #: which users are connected here.
+        self.remote = remote
         self.max_connections_per_user = max_connections_per_user
         self.max_queue_bytes = max_queue_bytes
         self.track_ttl_s = track_ttl_s
         self._by_user: dict[str, set[Connection]] = {}
         self._tracks: dict[str, _RunTrack] = {}
-        self.settle_lookup: Callable[[str, int], Awaitable[None]] | None = None
-        #: Cross-replica hooks (set by the Redis broker): an owner connected elsewhere, an ack
-        #: of a run running elsewhere, a change of which users are connected here.
-        self.remote_presence: Callable[[str], bool] | None = None
-        self.forward_ack: Callable[[str, int, int], None] | None = None
-        self.on_presence: Callable[[], None] | None = None
 
     # ---- connections --------------------------------------------------------------------
 
@@ -296,8 +343,8 @@ class Hub:
         conns.add(conn)
         self.metrics.connections_open.inc()
         conn.start()
-        if self.on_presence is not None and len(conns) == 1:
-            self.on_presence()
+        if self.remote is not None and len(conns) == 1:
+            self.remote.presence_changed(self.users())
         return conn
 
     def remove(self, conn: Connection, code: int) -> None:
@@ -308,12 +355,14 @@ class Hub:
         conns.discard(conn)
         if not conns:
             del self._by_user[conn.user_id]
-            if self.on_presence is not None:
-                self.on_presence()
+            if self.remote is not None:
+                self.remote.presence_changed(self.users())
         self.metrics.connections_open.dec()
         self.metrics.disconnects.labels(code=str(code)).inc()
         reason = FailureReason.of(code)
-        for run_id, sent in conn.sent.items():
+        for run_id in conn.sent.keys() | conn.dropped.keys():
+            # Sent and never acked, or queued and never written: not delivered.
+            sent = max(conn.sent.get(run_id, 0), conn.dropped.get(run_id, 0))
             track = self._tracks.get(run_id)
             if track is None:
                 continue
@@ -333,7 +382,7 @@ class Hub:
         emitted now is sent live and counts in the delivery SLI."""
         if any(run_id in c.subscribed or run_id in c.resuming for c in self.connections(user_id)):
             return True
-        return self.remote_presence is not None and self.remote_presence(user_id)
+        return self.remote is not None and self.remote.owner_elsewhere(user_id)
 
     def run_started(self, run_id: str, user_id: str, *, track: bool = True) -> None:
         """Every open connection of the owner gets the new run live (every tab). ``track``:
@@ -343,7 +392,12 @@ class Hub:
         if track:
             self._tracks[run_id] = _RunTrack(owner=user_id)
 
-    def publish(self, event: Event, user_id: str, live: bool) -> None:
+    def committed(self, items: Sequence[Emitted]) -> None:
+        """The writer's sink: committed events of runs executing here, in commit order."""
+        for item in items:
+            self.publish(item.event, item.owner, item.live, item.text)
+
+    def publish(self, event: Event, user_id: str, live: bool, text: str | None = None) -> None:
         """Hand a committed event to the owner's connections (I7: only the owner's)."""
         track = self._tracks.get(event.run_id)
         if track is not None:
@@ -353,12 +407,17 @@ class Hub:
             track.last_seq = max(track.last_seq, event.seq)
             track.ended = track.ended or event.is_terminal
             track.touched = time.monotonic()
-        for conn in self.connections(user_id):
+        conns = self._by_user.get(user_id)
+        if not conns:
+            return
+        if text is None:
+            text = event.to_json()
+        for conn in conns:
             buffer = conn.resuming.get(event.run_id)
             if buffer is not None:
                 buffer.append(event)
             elif event.run_id in conn.subscribed:
-                conn.send_event(event, live=live)
+                conn.send_event(event, live=live, text=text)
                 if event.is_terminal:
                     conn.subscribed.discard(event.run_id)
 
@@ -371,14 +430,14 @@ class Hub:
             return
         conn.acked[run_id] = seq
         now = now_us()
-        self.writer.record_ack(AckUpdate(conn.id, run_id, seq, now))
+        self.recorder.record_ack(AckUpdate(conn.id, run_id, seq, now))
         track = self._tracks.get(run_id)
         if track is None:
             # A run from another replica (it counts the ack) or from before a restart.
-            if self.forward_ack is not None:
-                self.forward_ack(run_id, seq, now)
-            if self.settle_lookup is not None:
-                await self.settle_lookup(run_id, seq)
+            if self.remote is not None:
+                self.remote.ack(run_id, seq, now)
+            if self.settle_unknown is not None:
+                await self.settle_unknown(run_id, seq)
             return
         self._count_acks(run_id, track, seq, now)
 
@@ -393,14 +452,12 @@ class Hub:
             for s in range(track.acked_upto + 1, seq + 1):
                 if track.live.get(s) and s > track.failed_upto:
                     kind = track.types[s]
-                    self.metrics.events_acked.labels(type=kind).inc()
-                    self.metrics.delivery_seconds.labels(type=kind).observe(
-                        max(0, now - track.ts_us[s]) / 1e6
-                    )
+                    self.counters.acked[kind].inc()
+                    self.counters.delivery[kind].observe(max(0, now - track.ts_us[s]) / 1e6)
             track.acked_upto = seq
             track.touched = time.monotonic()
         if track.ended and seq >= track.last_seq:
-            self.writer.settle(run_id, now)
+            self.recorder.settle(run_id, now)
             del self._tracks[run_id]
 
     def sweep(self) -> None:
@@ -408,9 +465,6 @@ class Hub:
         cutoff = time.monotonic() - self.track_ttl_s
         for run_id in [r for r, t in self._tracks.items() if t.ended and t.touched < cutoff]:
             del self._tracks[run_id]
-
-    def tracked_runs(self) -> int:
-        return len(self._tracks)
 
     async def close_all(self, code: int, drain_s: float = 2.0) -> None:
         conns = self.all_connections()

@@ -28,15 +28,17 @@ from .auth import AuthError, TokenAuthority, valid_user_id
 from .broker import RedisBroker
 from .config import Settings
 from .engine import Engine, EngineConfig
-from .events import now_us
+from .events import Event, now_us
 from .hub import Hub
 from .metrics import RuntimeMetrics
+from .pipeline import Fanout, RunSink
 from .protocol import CloseCode
 from .ratelimit import TokenBuckets
-from .session import serve_socket
+from .runs import RunService
+from .session import SessionConfig, SocketServer
 from .store.journal import Journal
 from .store.recorder import AuditStore
-from .store.writer import AuditWriter
+from .store.writer import AuditWriter, DeliveryLog
 from .threads import build_threads_router
 from .tools import ToolRegistry, builtin_tools
 
@@ -60,8 +62,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _Inbound:
+    """The other replicas' fan-out, applied here (see :class:`~runtime.broker.BrokerInbound`)."""
+
+    def __init__(self, hub: Hub, engine: Engine) -> None:
+        self.hub = hub
+        self.engine = engine
+
+    def remote_event(self, event: Event, owner: str, live: bool) -> None:
+        self.hub.publish(event, owner, live)
+
+    def remote_run_started(self, run_id: str, owner: str) -> None:
+        self.hub.run_started(run_id, owner, track=False)
+
+    def remote_cancel(self, run_id: str) -> None:
+        self.engine.cancel(run_id)
+
+    def remote_ack(self, run_id: str, seq: int, acked_us: int) -> None:
+        self.hub.remote_ack(run_id, seq, acked_us)
+
+    def local_users(self) -> set[str]:
+        return self.hub.users()
+
+
 class Runtime:
-    """One runtime instance's world, built from settings with everything injectable."""
+    """One runtime instance's world, wired here and only here, by constructor injection.
+
+    The event path reads top to bottom: the engine emits into the writer; the writer commits
+    and hands committed events to the fan-out (the hub, then the broker); the socket server
+    feeds client frames to the run service, which drives the engine and the hub.
+    """
 
     def __init__(
         self,
@@ -74,26 +104,43 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = RuntimeMetrics(self.registry, version=__version__)
+        self.metrics = metrics = RuntimeMetrics(self.registry, version=__version__)
         self.tokens = TokenAuthority(settings.jwt_secret, leeway_s=settings.jwt_leeway_s)
         self.store = store if store is not None else AuditStore.open(settings.database_url)
-        self.writer = AuditWriter(self.store, self.metrics)
-        self.writer.journal = Journal(
-            Path(settings.data_dir) / f"journal-{_safe_name(settings.instance_id)}.jsonl",
-            settings.journal_max_bytes,
+        self.deliveries = deliveries = DeliveryLog()
+        self.broker = (
+            RedisBroker(settings.redis_url, settings.instance_id, channel=settings.redis_channel)
+            if settings.redis_url
+            else None
         )
         self.hub = Hub(
-            self.metrics,
-            self.writer,
+            metrics,
+            deliveries,
+            settle_unknown=self._settle_unknown,
+            remote=self.broker,
             max_connections_per_user=settings.max_connections_per_user,
             max_queue_bytes=settings.send_queue_bytes,
         )
-        self.hub.settle_lookup = self._settle_lookup
+        sinks: list[RunSink] = [self.hub]
+        if self.broker is not None:
+            sinks.append(self.broker)
+        fanout = Fanout(sinks)
+        self.writer = AuditWriter(
+            self.store,
+            metrics,
+            fanout,
+            deliveries,
+            journal=Journal(
+                Path(settings.data_dir) / f"journal-{_safe_name(settings.instance_id)}.jsonl",
+                settings.journal_max_bytes,
+            ),
+        )
         self.engine = Engine(
             self.store,
             self.writer,
             self.hub,
-            self.metrics,
+            fanout,
+            metrics,
             agents if agents is not None else AgentRegistry.with_builtins(),
             tools if tools is not None else builtin_tools(),
             EngineConfig(
@@ -102,22 +149,38 @@ class Runtime:
                 instance_id=settings.instance_id,
             ),
         )
-        self.chat_rate = TokenBuckets(settings.chat_burst, settings.chat_refill_per_s)
-        self.broker: RedisBroker | None = None
-        if settings.redis_url:
-            self.broker = RedisBroker(settings.redis_url, self, channel=settings.redis_channel)
-            self.engine.broker = self.broker
-            self.hub.remote_presence = self.broker.owner_elsewhere
-            self.hub.forward_ack = self.broker.ack
-            self.hub.on_presence = self.broker.presence_changed
+        self.runs = RunService(
+            self.store,
+            self.writer,
+            self.engine,
+            self.hub,
+            metrics,
+            TokenBuckets(settings.chat_burst, settings.chat_refill_per_s),
+            instance_id=settings.instance_id,
+            run_timeout_s=settings.run_timeout_s,
+            remote=self.broker,
+        )
+        self.sockets = SocketServer(
+            SessionConfig(
+                instance_id=settings.instance_id,
+                connect_timeout_s=settings.connect_timeout_s,
+                heartbeat_s=settings.heartbeat_s,
+                max_bad_frames=settings.max_bad_frames,
+            ),
+            self.tokens,
+            self.hub,
+            self.runs,
+            deliveries,
+            metrics,
+            accepting=lambda: self.accepting,
+        )
         self.accepting = True
-        self.recovered = 0
         self._background: list[asyncio.Task[Any]] = []
         self._stopped = False
         self.on_start: list[Callable[[], Awaitable[None]]] = []
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
 
-    async def _settle_lookup(self, run_id: str, seq: int) -> None:
+    async def _settle_unknown(self, run_id: str, seq: int) -> None:
         run = await self.store.get_run(run_id)
         if (
             run is not None
@@ -125,7 +188,7 @@ class Runtime:
             and seq >= run.last_seq
             and run.settled_us is None
         ):
-            self.writer.settle(run_id, now_us())
+            self.deliveries.settle(run_id, now_us())
 
     async def start(self) -> None:
         self.writer.start()
@@ -133,9 +196,9 @@ class Runtime:
             # Events a crashed process journaled go to the store before recovery reads it.
             log.warning("draining the outage journal into the store before recovery")
             await self.writer.wait_journal_drained()
-        self.recovered = await self.engine.recover(self.settings.instance_id)
+        await self.engine.recover(self.settings.instance_id)
         if self.broker is not None:
-            await self.broker.start()
+            await self.broker.start(_Inbound(self.hub, self.engine))
         self._background.append(asyncio.create_task(self._sweeper(), name="runwatch-sweeper"))
         for hook in self.on_start:
             await hook()
@@ -195,7 +258,7 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.websocket("/ws")
     async def ws_endpoint(websocket: WebSocket) -> None:
-        await serve_socket(websocket, rt)
+        await rt.sockets.serve(websocket)
 
     @app.get("/", include_in_schema=False)
     async def chat_page() -> FileResponse:

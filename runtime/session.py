@@ -13,14 +13,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from .auth import AuthError, Identity
+from .auth import AuthError, Identity, TokenAuthority
 from .events import new_id, now_us
-from .hub import Connection
+from .hub import Connection, Hub
+from .metrics import RuntimeMetrics
 from .protocol import (
     CLOSE_REASONS,
     MAX_FRAME_BYTES,
@@ -37,15 +39,13 @@ from .protocol import (
     error_frame,
     parse_client_frame,
     pong_frame,
-    resumed_frame,
     run_accepted_frame,
 )
-from .store.recorder import ConnectionClose, ConnectionOpen, RunInfo, StoreError
+from .runs import RunService
+from .store.recorder import ConnectionClose, ConnectionOpen, StoreError
+from .store.writer import DeliveryLog
 
-if TYPE_CHECKING:
-    from .server import Runtime
-
-__all__ = ["Session", "serve_socket"]
+__all__ = ["Session", "SessionConfig", "SocketServer"]
 
 log = logging.getLogger("runwatch.session")
 
@@ -83,49 +83,78 @@ def _frame_text(message: Mapping[str, Any]) -> str | bytes | None:
     return None
 
 
-async def serve_socket(ws: WebSocket, rt: Runtime) -> None:
-    """Run one WebSocket from accept to close."""
-    metrics = rt.metrics
-    await ws.accept()
-    if not rt.accepting:
-        metrics.connections.labels(result="shutting_down").inc()
-        await _close(ws, CloseCode.SERVER_RESTARTING)
-        return
-    try:
-        message = await asyncio.wait_for(ws.receive(), rt.settings.connect_timeout_s)
-    except TimeoutError:
-        metrics.connections.labels(result="timeout").inc()
-        await _close(ws, CloseCode.UNAUTHORIZED)
-        return
-    except (WebSocketDisconnect, RuntimeError):
-        metrics.connections.labels(result="abandoned").inc()
-        return
-    if message["type"] == "websocket.disconnect":
-        metrics.connections.labels(result="abandoned").inc()
-        return
-    raw = _frame_text(message)
-    frame = parse_client_frame(raw) if raw is not None else None
-    if not isinstance(frame, Connect):
-        # Nothing is handled before the handshake: a frame before connect is unauthorized.
-        metrics.connections.labels(result="no_connect").inc()
-        await _close(ws, CloseCode.UNAUTHORIZED)
-        return
-    try:
-        identity = rt.tokens.verify(frame.token)
-    except AuthError as exc:
-        log.info("connect refused: %s", exc.reason)
-        metrics.connections.labels(result="unauthorized").inc()
-        await _close(ws, CloseCode.UNAUTHORIZED)
-        return
-    connection_id = new_id()
-    conn = rt.hub.open(connection_id, identity.user_id, _SocketTransport(ws))
-    if conn is None:
-        metrics.connections.labels(result="too_many").inc()
-        await _close(ws, CloseCode.TOO_MANY_CONNECTIONS)
-        return
-    metrics.connections.labels(result="accepted").inc()
-    session = Session(rt, ws, conn, identity, client=frame.client)
-    await session.run()
+@dataclass(frozen=True)
+class SessionConfig:
+    instance_id: str
+    connect_timeout_s: float = 10.0
+    heartbeat_s: float = 20.0
+    max_bad_frames: int = 20
+
+
+class SocketServer:
+    """Serves ``/ws``: the handshake, then one :class:`Session` per authenticated socket."""
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        tokens: TokenAuthority,
+        hub: Hub,
+        runs: RunService,
+        deliveries: DeliveryLog,
+        metrics: RuntimeMetrics,
+        accepting: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self.tokens = tokens
+        self.hub = hub
+        self.runs = runs
+        self.deliveries = deliveries
+        self.metrics = metrics
+        self.accepting = accepting
+
+    async def serve(self, ws: WebSocket) -> None:
+        """Run one WebSocket from accept to close."""
+        metrics = self.metrics
+        await ws.accept()
+        if not self.accepting():
+            metrics.connections.labels(result="shutting_down").inc()
+            await _close(ws, CloseCode.SERVER_RESTARTING)
+            return
+        try:
+            message = await asyncio.wait_for(ws.receive(), self.config.connect_timeout_s)
+        except TimeoutError:
+            metrics.connections.labels(result="timeout").inc()
+            await _close(ws, CloseCode.UNAUTHORIZED)
+            return
+        except (WebSocketDisconnect, RuntimeError):
+            metrics.connections.labels(result="abandoned").inc()
+            return
+        if message["type"] == "websocket.disconnect":
+            metrics.connections.labels(result="abandoned").inc()
+            return
+        raw = _frame_text(message)
+        frame = parse_client_frame(raw) if raw is not None else None
+        if not isinstance(frame, Connect):
+            # Nothing is handled before the handshake: a frame before connect is unauthorized.
+            metrics.connections.labels(result="no_connect").inc()
+            await _close(ws, CloseCode.UNAUTHORIZED)
+            return
+        try:
+            identity = self.tokens.verify(frame.token)
+        except AuthError as exc:
+            log.info("connect refused: %s", exc.reason)
+            metrics.connections.labels(result="unauthorized").inc()
+            await _close(ws, CloseCode.UNAUTHORIZED)
+            return
+        connection_id = new_id()
+        conn = self.hub.open(connection_id, identity.user_id, _SocketTransport(ws))
+        if conn is None:
+            metrics.connections.labels(result="too_many").inc()
+            await _close(ws, CloseCode.TOO_MANY_CONNECTIONS)
+            return
+        metrics.connections.labels(result="accepted").inc()
+        session = Session(self, ws, conn, identity, client=frame.client)
+        await session.run()
 
 
 class Session:
@@ -133,14 +162,17 @@ class Session:
 
     def __init__(
         self,
-        rt: Runtime,
+        server: SocketServer,
         ws: WebSocket,
         conn: Connection,
         identity: Identity,
         *,
         client: str | None,
     ) -> None:
-        self.rt = rt
+        self.server = server
+        self.config = server.config
+        self.runs = server.runs
+        self.metrics = server.metrics
         self.ws = ws
         self.conn = conn
         self.identity = identity
@@ -153,24 +185,24 @@ class Session:
         return self.identity.user_id
 
     async def run(self) -> None:
-        rt, conn = self.rt, self.conn
-        rt.writer.connection_opened(
-            ConnectionOpen(conn.id, self.user_id, rt.settings.instance_id, self.client, now_us())
+        server, conn = self.server, self.conn
+        server.deliveries.connection_opened(
+            ConnectionOpen(conn.id, self.user_id, self.config.instance_id, self.client, now_us())
         )
         expiry = asyncio.create_task(self._expire_at(self.identity.expires_at))
         try:
             try:
-                active = await rt.store.active_runs(self.user_id)
+                active = await self.runs.active_runs(self.user_id)
             except StoreError:
                 active = []
-            conn.send_frame(connected_frame(conn.id, self.user_id, rt.settings.heartbeat_s, active))
+            conn.send_frame(connected_frame(conn.id, self.user_id, self.config.heartbeat_s, active))
             await self._receive_loop()
         finally:
             expiry.cancel()
             code = conn.close_code if conn.close_code is not None else self.close_code
             conn.close(code, send=False)
-            rt.hub.remove(conn, code)
-            rt.writer.connection_closed(ConnectionClose(conn.id, now_us(), int(code)))
+            server.hub.remove(conn, code)
+            server.deliveries.connection_closed(ConnectionClose(conn.id, now_us(), int(code)))
             await conn.wait_closed()
 
     async def _expire_at(self, expires_at: float) -> None:
@@ -217,16 +249,12 @@ class Session:
                 return
 
     def _error(self, err: FrameError) -> None:
-        self.rt.metrics.protocol_errors.labels(code=err.code.value).inc()
+        self.metrics.protocol_errors.labels(code=err.code.value).inc()
         self.conn.send_frame(error_frame(err.code, err.message, err.ref))
         if err.code in _BAD_FRAME_CODES:
             self.bad_frames += 1
-            if self.bad_frames >= self.rt.settings.max_bad_frames:
+            if self.bad_frames >= self.config.max_bad_frames:
                 self.conn.close(CloseCode.PROTOCOL_VIOLATION)
-
-    def _not_found(self, ref: str) -> None:
-        # Same answer for "no such run" and "not yours": existence never leaks.
-        self._error(FrameError(ProtocolErrorCode.NOT_FOUND, "no such run", ref))
 
     async def _handle(self, raw: str | bytes) -> None:
         frame = parse_client_frame(raw)
@@ -237,139 +265,38 @@ class Session:
             self._error(FrameError(ProtocolErrorCode.INVALID_MESSAGE, "already connected"))
             return
         self.bad_frames = 0
+        runs, conn = self.runs, self.conn
+        error: FrameError | None = None
         try:
             if isinstance(frame, Ping):
-                self.conn.send_frame(pong_frame())
+                conn.send_frame(pong_frame())
             elif isinstance(frame, Ack):
-                await self._ack(frame)
+                error = await runs.ack(conn, frame.run_id, frame.seq)
             elif isinstance(frame, Chat):
-                await self._chat(frame)
+                result = await runs.chat(self.user_id, frame)
+                if isinstance(result, FrameError):
+                    error = result
+                else:
+                    conn.send_frame(
+                        run_accepted_frame(
+                            frame.client_msg_id,
+                            result.run.run_id,
+                            result.run.thread_id,
+                            result.duplicate,
+                        )
+                    )
             elif isinstance(frame, Resume):
-                await self._resume(frame)
+                error = await runs.resume(conn, frame.run_id, frame.after_seq)
             elif isinstance(frame, Cancel):
-                await self._cancel(frame)
+                error = await runs.cancel(self.user_id, frame.run_id)
         except StoreError as exc:
             # The audit store is briefly unavailable: a retryable answer, never a crash.
             log.warning("store error while handling %s: %s", type(frame).__name__, exc)
             ref = frame.client_msg_id if isinstance(frame, Chat) else getattr(frame, "run_id", None)
-            self._error(
-                FrameError(
-                    ProtocolErrorCode.RATE_LIMITED,
-                    "the audit store is temporarily unavailable; retry shortly",
-                    ref,
-                )
+            error = FrameError(
+                ProtocolErrorCode.RATE_LIMITED,
+                "the audit store is temporarily unavailable; retry shortly",
+                ref,
             )
-
-    async def _owned_run(self, run_id: str) -> RunInfo | None:
-        run = await self.rt.store.get_run(run_id)
-        if run is None or run.user_id != self.user_id:
-            return None
-        return run
-
-    # ---- chat ---------------------------------------------------------------------------
-
-    async def _chat(self, chat: Chat) -> None:
-        rt = self.rt
-        ref = chat.client_msg_id
-        existing = await rt.store.find_run_by_msg(self.user_id, chat.client_msg_id)
-        if existing is not None:
-            # Idempotent: the original run, whatever the text; nothing starts.
-            self.conn.send_frame(
-                run_accepted_frame(ref, existing.run_id, existing.thread_id, duplicate=True)
-            )
-            return
-        agent = chat.agent or rt.engine.agents.default
-        if rt.engine.agents.get(agent) is None:
-            self._error(
-                FrameError(ProtocolErrorCode.UNKNOWN_AGENT, f"no agent named {agent!r}", ref)
-            )
-            return
-        new_thread = chat.thread_id is None
-        thread_id = chat.thread_id or new_id()
-        if not new_thread and await rt.store.thread_owner(thread_id) != self.user_id:
-            self._error(FrameError(ProtocolErrorCode.NOT_FOUND, "no such thread", ref))
-            return
-        if not rt.engine.accepting:
-            self._error(FrameError(ProtocolErrorCode.RATE_LIMITED, "the server is restarting", ref))
-            return
-        if not rt.chat_rate.allowed(self.user_id):
-            wait = max(0.1, rt.chat_rate.retry_after(self.user_id))
-            self._error(
-                FrameError(
-                    ProtocolErrorCode.RATE_LIMITED, f"too many chats; retry in {wait:.1f}s", ref
-                )
-            )
-            return
-        info = RunInfo(
-            run_id=new_id(),
-            user_id=self.user_id,
-            thread_id=thread_id,
-            agent=agent,
-            client_msg_id=chat.client_msg_id,
-            instance_id=rt.settings.instance_id,
-            created_us=now_us(),
-            timeout_s=rt.settings.run_timeout_s,
-        )
-        run, duplicate = await rt.writer.create_run(info, new_thread)
-        self.conn.send_frame(run_accepted_frame(ref, run.run_id, run.thread_id, duplicate))
-        if not duplicate:
-            rt.engine.start(run, chat.text)
-
-    # ---- ack / resume / cancel ----------------------------------------------------------
-
-    async def _ack(self, ack: Ack) -> None:
-        if ack.run_id not in self.conn.sent and await self._owned_run(ack.run_id) is None:
-            self._not_found(ack.run_id)
-            return
-        await self.rt.hub.ack(self.conn, ack.run_id, ack.seq)
-
-    async def _resume(self, resume: Resume) -> None:
-        rt, conn = self.rt, self.conn
-        run = await self._owned_run(resume.run_id)
-        if run is None:
-            rt.metrics.resumes.labels(result="not_found").inc()
-            self._not_found(resume.run_id)
-            return
-        # Buffer live events first, then read the store: an event is either in the replay
-        # or in the buffer (or both, and then sent once), never in neither.
-        conn.subscribed.discard(run.run_id)
-        buffer: list[Any] = []
-        conn.resuming[run.run_id] = buffer
-        try:
-            events = await rt.store.run_events(run.run_id, resume.after_seq)
-        except BaseException:
-            conn.resuming.pop(run.run_id, None)
-            raise
-        for event in events:
-            # Flow control: a long replay waits for the socket instead of filling the queue.
-            await conn.wait_writable()
-            conn.send_event(event, live=False, replayed=True)
-        last = max([resume.after_seq, *(e.seq for e in events)])
-        conn.send_frame(resumed_frame(run.run_id, resume.after_seq, len(events)))
-        conn.resuming.pop(run.run_id, None)
-        ended = any(e.is_terminal for e in events) or run.ended_us is not None
-        for event in buffer:
-            if event.seq > last:
-                conn.send_event(event, live=True)
-                last = event.seq
-                ended = ended or event.is_terminal
-        if not ended:
-            conn.subscribed.add(run.run_id)
-        rt.metrics.resumes.labels(result="ok").inc()
-
-    async def _cancel(self, cancel: Cancel) -> None:
-        rt = self.rt
-        active = rt.engine.active.get(cancel.run_id)
-        if active is not None:
-            if active.info.user_id != self.user_id:
-                self._not_found(cancel.run_id)
-                return
-            rt.engine.cancel(cancel.run_id)
-            return
-        run = await self._owned_run(cancel.run_id)
-        if run is None:
-            self._not_found(cancel.run_id)
-            return
-        if run.ended_us is None and rt.broker is not None:
-            await rt.broker.cancel(cancel.run_id)
-        # A run that has ended: the cancel is ignored.
+        if error is not None:
+            self._error(error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -12,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from runtime.events import Event, EventType, Receipt, new_id
 from runtime.lifecycle import RunLifecycle
 from runtime.metrics import RuntimeMetrics
+from runtime.pipeline import Emitted
 from runtime.store.recorder import (
     AckUpdate,
     AuditStore,
@@ -21,7 +23,7 @@ from runtime.store.recorder import (
     RunInfo,
     StoreUnavailable,
 )
-from runtime.store.writer import AuditWriter
+from runtime.store.writer import AuditWriter, DeliveryLog
 
 
 def now_us() -> int:
@@ -156,23 +158,40 @@ async def test_purge_deletes_old_ended_runs_only(store: AuditStore) -> None:
     assert await store.get_run(still_open.run_id) is not None
 
 
+class _Collect:
+    """A committed sink that records what it was handed, batch by batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Emitted]] = []
+
+    def committed(self, items: Sequence[Emitted]) -> None:
+        self.batches.append(list(items))
+
+
 async def test_group_commit_shares_commits_and_preserves_order(store: AuditStore) -> None:
     metrics = RuntimeMetrics(CollectorRegistry())
-    writer = AuditWriter(store, metrics)
+    sink = _Collect()
+    writer = AuditWriter(store, metrics, sink, DeliveryLog())
     writer.start()
     infos = [(await store.create_run(run_info(), new_thread=True))[0] for _ in range(20)]
     runs = [completed_run(i) for i in infos]
 
     async def emit(events: list[Event]) -> None:
         for e in events:
-            await writer.persist(e, True)
+            writer.submit(Emitted.of(e, "alice", True))
+            await asyncio.sleep(0)
 
     await asyncio.gather(*(emit(r) for r in runs))
     await writer.close()
     for info, events in zip(infos, runs, strict=True):
         assert await store.run_events(info.run_id) == events
+        # I6 and per-run order: the sink got every event once, committed, in seq order.
+        handed = [i.event for batch in sink.batches for i in batch if i.event.run_id == info.run_id]
+        assert handed == events
+    assert all(i.committed_us > 0 for batch in sink.batches for i in batch)
+    assert len(sink.batches) < 60, "concurrent runs share commits"
     batches = metrics.registry.get_sample_value("runwatch_audit_batch_size_count")
-    assert batches is not None and batches < 120, "concurrent runs share commits"
+    assert batches is not None and batches < 60
     persisted = metrics.registry.get_sample_value("runwatch_event_persist_seconds_count")
     assert persisted == 120
 

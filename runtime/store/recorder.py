@@ -12,12 +12,26 @@ Exceptions::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, event, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -202,20 +216,28 @@ def _outcome_of(event: Event) -> str:
     )
 
 
+#: SQLite's busy timeout for the runtime's batch writer: shorter than the writer's journal
+#: fallback (about 1 s), so a database locked by another process degrades to the journal
+#: instead of freezing every run behind the lock.
+WRITER_BUSY_TIMEOUT_MS = 250
+
+
+def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """An async engine; SQLite gets WAL, ``synchronous=NORMAL`` and a busy timeout."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
+        _sqlite_pragmas(engine.sync_engine, 30_000)
         return engine
     # Bounded waits: an unreachable database is an error in seconds, never a hang.
     connect_args = {"timeout": 5, "command_timeout": 30}
@@ -224,19 +246,46 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     )
 
 
+def _sqlite_writer_engine(url: str) -> Engine:
+    """A synchronous engine on the same SQLite file, for the batch writer's own thread."""
+    sync_url = "sqlite:" + url.split(":", 1)[1] if url.startswith("sqlite+") else url
+    engine = create_engine(
+        sync_url,
+        connect_args={"timeout": WRITER_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        pool_size=1,
+        max_overflow=0,
+    )
+    _sqlite_pragmas(engine, WRITER_BUSY_TIMEOUT_MS)
+    return engine
+
+
 class AuditStore:
     """Reads and writes of the audit store. Build with :meth:`open`; close with :meth:`close`."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, writer_engine: Engine | None = None) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        #: SQLite: a synchronous engine whose one connection lives in one thread, so a whole
+        #: group commit (BEGIN, executemany, COMMIT) costs one thread hop.
+        self._writer_engine = writer_engine
+        self._writer_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        if writer_engine is not None:
+            self._writer_thread = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="runwatch-sqlite-writer"
+            )
 
     @classmethod
     def open(cls, url: str) -> AuditStore:
-        return cls(make_engine(url))
+        writer = _sqlite_writer_engine(url) if url.startswith("sqlite") else None
+        return cls(make_engine(url), writer_engine=writer)
 
     async def close(self) -> None:
+        if self._writer_thread is not None and self._writer_engine is not None:
+            engine = self._writer_engine
+            await asyncio.get_running_loop().run_in_executor(self._writer_thread, engine.dispose)
+            self._writer_thread.shutdown(wait=True)
+            self._writer_thread = None
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -245,9 +294,9 @@ class AuditStore:
             async with self.engine.begin() as conn:
                 yield conn
         except IntegrityError as exc:
-            raise StoreError(str(exc).splitlines()[0], reason="integrity") from exc
+            raise StoreError(_first_line(exc), reason="integrity") from exc
         except (OperationalError, DBAPIError, OSError) as exc:
-            raise StoreUnavailable(str(exc).splitlines()[0], reason="unavailable") from exc
+            raise StoreUnavailable(_first_line(exc), reason="unavailable") from exc
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -255,7 +304,7 @@ class AuditStore:
             async with self.engine.connect() as conn:
                 yield conn
         except (OperationalError, DBAPIError, OSError) as exc:
-            raise StoreUnavailable(str(exc).splitlines()[0], reason="unavailable") from exc
+            raise StoreUnavailable(_first_line(exc), reason="unavailable") from exc
 
     async def ping(self) -> None:
         async with self._read() as conn:
@@ -283,43 +332,8 @@ class AuditStore:
     async def create_run(self, run: RunInfo, *, new_thread: bool) -> tuple[RunInfo, bool]:
         """Insert a run (and its thread when new). Returns ``(run, duplicate)``: when the user
         already used ``client_msg_id``, the original run and ``True``, and nothing is written."""
-        async with self._tx() as conn:
-            return await self._create_run(conn, run, new_thread)
-
-    async def _create_run(
-        self, conn: AsyncConnection, run: RunInfo, new_thread: bool
-    ) -> tuple[RunInfo, bool]:
-        inserted = await conn.execute(
-            self._insert(RunRow)
-            .values(
-                run_id=run.run_id,
-                user_id=run.user_id,
-                thread_id=run.thread_id,
-                agent=run.agent,
-                client_msg_id=run.client_msg_id,
-                instance_id=run.instance_id,
-                created_us=run.created_us,
-                timeout_s=run.timeout_s,
-            )
-            .on_conflict_do_nothing(index_elements=["user_id", "client_msg_id"])
-        )
-        if inserted.rowcount == 0:
-            res = await conn.execute(
-                select(RunRow).where(
-                    RunRow.user_id == run.user_id, RunRow.client_msg_id == run.client_msg_id
-                )
-            )
-            row = res.first()
-            if row is None:
-                raise StoreError(f"cannot create run {run.run_id}", reason="conflict")
-            return _run_info(row), True
-        if new_thread:
-            await conn.execute(
-                self._insert(ThreadRow)
-                .values(thread_id=run.thread_id, user_id=run.user_id, created_us=run.created_us)
-                .on_conflict_do_nothing(index_elements=["thread_id"])
-            )
-        return run, False
+        created = await self.write(Batch(new_runs=[(run, new_thread)]), run.created_us)
+        return created[0]
 
     async def get_run(self, run_id: str) -> RunInfo | None:
         async with self._read() as conn:
@@ -404,96 +418,24 @@ class AuditStore:
 
     async def write(self, batch: Batch, committed_us: int) -> list[tuple[RunInfo, bool]]:
         """Write one group commit in one transaction; returns ``create_run`` results for
-        ``batch.new_runs``, in order."""
-        async with self._tx() as conn:
-            created = [await self._create_run(conn, run, new) for run, new in batch.new_runs]
-            await self._write(conn, batch, committed_us)
-        return created
+        ``batch.new_runs``, in order.
 
-    async def _write(self, conn: AsyncConnection, batch: Batch, committed_us: int) -> None:
-        if batch.opened:
-            stmt = self._insert(ConnectionRow).on_conflict_do_nothing(
-                index_elements=["connection_id"]
-            )
-            await conn.execute(
-                stmt,
-                [
-                    {
-                        "connection_id": c.connection_id,
-                        "user_id": c.user_id,
-                        "instance_id": c.instance_id,
-                        "client": c.client,
-                        "opened_us": c.opened_us,
-                    }
-                    for c in batch.opened
-                ],
-            )
-        rows = [(e, live, committed_us) for e, live in batch.events] + batch.journaled
-        if rows:
-            # Idempotent by event_id, so a journal drained twice writes each event once.
-            stmt = self._insert(EventRow).on_conflict_do_nothing(index_elements=["event_id"])
-            await conn.execute(
-                stmt,
-                [
-                    {
-                        "event_id": e.event_id,
-                        "run_id": e.run_id,
-                        "seq": e.seq,
-                        "type": e.type.value,
-                        "thread_id": e.thread_id,
-                        "agent": e.agent,
-                        "ts_us": e.ts_us,
-                        "committed_us": at,
-                        "live": live,
-                        "data": e.data,
-                    }
-                    for e, live, at in rows
-                ],
-            )
-            for e, _live, _at in rows:
-                if e.is_terminal:
-                    await conn.execute(
-                        update(RunRow)
-                        .where(RunRow.run_id == e.run_id, RunRow.ended_us.is_(None))
-                        .values(ended_us=e.ts_us, outcome=_outcome_of(e), last_seq=e.seq)
-                    )
-        if batch.receipts:
-            await conn.execute(
-                insert(DeliveryRow),
-                [
-                    {
-                        "event_id": r.event_id,
-                        "run_id": r.run_id,
-                        "seq": r.seq,
-                        "connection_id": r.connection_id,
-                        "user_id": r.user_id,
-                        "sent_us": r.sent_us,
-                        "acked_us": r.acked_us,
-                        "replayed": r.replayed,
-                    }
-                    for r in batch.receipts
-                ],
-            )
-        if batch.acks:
-            # One statement for the whole group (executemany). Acks are cumulative; each
-            # receipt keeps the time of the first ack that covered it.
-            params = [
-                {"b_conn": a.connection_id, "b_run": a.run_id, "b_seq": a.seq, "b_t": a.acked_us}
-                for a in batch.acks
-            ]
-            await conn.execute(_ACK_UPDATE, params)
-        for run_id, settled_us in batch.settles:
-            await conn.execute(
-                update(RunRow)
-                .where(RunRow.run_id == run_id, RunRow.settled_us.is_(None))
-                .values(settled_us=settled_us)
-            )
-        for c in batch.closed:
-            await conn.execute(
-                update(ConnectionRow)
-                .where(ConnectionRow.connection_id == c.connection_id)
-                .values(closed_us=c.closed_us, close_code=c.close_code)
-            )
+        SQLite: the whole transaction runs in the writer thread on its own connection (one
+        thread hop). PostgreSQL: asyncpg through SQLAlchemy, one executemany per table.
+        """
+        if self._writer_engine is not None and self._writer_thread is not None:
+            engine = self._writer_engine
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(
+                    self._writer_thread, _write_in_thread, engine, self._insert, batch, committed_us
+                )
+            except IntegrityError as exc:
+                raise StoreError(_first_line(exc), reason="integrity") from exc
+            except (OperationalError, DBAPIError, OSError) as exc:
+                raise StoreUnavailable(_first_line(exc), reason="unavailable") from exc
+        async with self._tx() as conn:
+            return await conn.run_sync(_write_batch, self._insert, batch, committed_us)
 
     # ---- retention ----------------------------------------------------------------------
 
@@ -526,6 +468,146 @@ class AuditStore:
                 )
             )
             return counts
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _write_batch(
+    conn: Connection, insert_: Any, batch: Batch, committed_us: int
+) -> list[tuple[RunInfo, bool]]:
+    created = [_create_run(conn, insert_, run, new) for run, new in batch.new_runs]
+    _write_rows(conn, insert_, batch, committed_us)
+    return created
+
+
+def _write_in_thread(
+    engine: Engine, insert_: Any, batch: Batch, committed_us: int
+) -> list[tuple[RunInfo, bool]]:
+    with engine.begin() as conn:
+        return _write_batch(conn, insert_, batch, committed_us)
+
+
+def _create_run(
+    conn: Connection, insert_: Any, run: RunInfo, new_thread: bool
+) -> tuple[RunInfo, bool]:
+    inserted = conn.execute(
+        insert_(RunRow)
+        .values(
+            run_id=run.run_id,
+            user_id=run.user_id,
+            thread_id=run.thread_id,
+            agent=run.agent,
+            client_msg_id=run.client_msg_id,
+            instance_id=run.instance_id,
+            created_us=run.created_us,
+            timeout_s=run.timeout_s,
+        )
+        .on_conflict_do_nothing(index_elements=["user_id", "client_msg_id"])
+    )
+    if inserted.rowcount == 0:
+        res = conn.execute(
+            select(RunRow).where(
+                RunRow.user_id == run.user_id, RunRow.client_msg_id == run.client_msg_id
+            )
+        )
+        row = res.first()
+        if row is None:
+            raise StoreError(f"cannot create run {run.run_id}", reason="conflict")
+        return _run_info(row), True
+    if new_thread:
+        conn.execute(
+            insert_(ThreadRow)
+            .values(thread_id=run.thread_id, user_id=run.user_id, created_us=run.created_us)
+            .on_conflict_do_nothing(index_elements=["thread_id"])
+        )
+    return run, False
+
+
+def _write_rows(conn: Connection, insert_: Any, batch: Batch, committed_us: int) -> None:
+    if batch.opened:
+        stmt = insert_(ConnectionRow).on_conflict_do_nothing(index_elements=["connection_id"])
+        conn.execute(
+            stmt,
+            [
+                {
+                    "connection_id": c.connection_id,
+                    "user_id": c.user_id,
+                    "instance_id": c.instance_id,
+                    "client": c.client,
+                    "opened_us": c.opened_us,
+                }
+                for c in batch.opened
+            ],
+        )
+    rows = [(e, live, committed_us) for e, live in batch.events] + batch.journaled
+    if rows:
+        # Idempotent by event_id, so a journal drained twice writes each event once.
+        stmt = insert_(EventRow).on_conflict_do_nothing(index_elements=["event_id"])
+        conn.execute(
+            stmt,
+            [
+                {
+                    "event_id": e.event_id,
+                    "run_id": e.run_id,
+                    "seq": e.seq,
+                    "type": e.type.value,
+                    "thread_id": e.thread_id,
+                    "agent": e.agent,
+                    "ts_us": e.ts_us,
+                    "committed_us": at,
+                    "live": live,
+                    "data": e.data,
+                }
+                for e, live, at in rows
+            ],
+        )
+        for e, _live, _at in rows:
+            if e.is_terminal:
+                conn.execute(
+                    update(RunRow)
+                    .where(RunRow.run_id == e.run_id, RunRow.ended_us.is_(None))
+                    .values(ended_us=e.ts_us, outcome=_outcome_of(e), last_seq=e.seq)
+                )
+    if batch.receipts:
+        conn.execute(
+            insert(DeliveryRow),
+            [
+                {
+                    "event_id": r.event_id,
+                    "run_id": r.run_id,
+                    "seq": r.seq,
+                    "connection_id": r.connection_id,
+                    "user_id": r.user_id,
+                    "sent_us": r.sent_us,
+                    "acked_us": r.acked_us,
+                    "replayed": r.replayed,
+                }
+                for r in batch.receipts
+            ],
+        )
+    if batch.acks:
+        # One statement for the whole group (executemany). Acks are cumulative; each
+        # receipt keeps the time of the first ack that covered it.
+        params = [
+            {"b_conn": a.connection_id, "b_run": a.run_id, "b_seq": a.seq, "b_t": a.acked_us}
+            for a in batch.acks
+        ]
+        conn.execute(_ACK_UPDATE, params)
+    for run_id, settled_us in batch.settles:
+        conn.execute(
+            update(RunRow)
+            .where(RunRow.run_id == run_id, RunRow.settled_us.is_(None))
+            .values(settled_us=settled_us)
+        )
+    for c in batch.closed:
+        conn.execute(
+            update(ConnectionRow)
+            .where(ConnectionRow.connection_id == c.connection_id)
+            .values(closed_us=c.closed_us, close_code=c.close_code)
+        )
 
 
 _ACK_UPDATE = (

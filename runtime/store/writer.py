@@ -1,9 +1,11 @@
 """The group-commit audit writer: the one path by which the runtime writes the store.
 
-Every event goes through :meth:`AuditWriter.persist`, which returns once the event is committed
-(I6, ``after_persist``: committed before it is written to any socket). Events that arrive while a
-commit is in flight wait for the next one, so N concurrent runs share one commit instead of paying
-N: that is the group commit. New runs (:meth:`create_run`) ride in the same commits, so on SQLite
+Emitted events arrive through :meth:`AuditWriter.submit` without waiting. One task drains them
+into one transaction while the next batch gathers, so batches grow with load: under one
+streaming run a commit holds every event emitted while the previous commit ran; under many
+runs, every run's events share it. Committed batches go, in commit order, to the
+:class:`~runtime.pipeline.CommittedSink` (the hub and the broker): nothing reaches a socket
+before its commit (I6). New runs (:meth:`create_run`) ride in the same commits, so on SQLite
 there is exactly one writing connection and no lock contention.
 
 Receipts, acks, settles and connection records are written by nobody's wait: they are held back
@@ -11,8 +13,8 @@ up to ``low_priority_delay_s`` and then join a commit, so they add little to the
 events wait on.
 
 When the store fails (:class:`StoreUnavailable`) the batch is kept and retried with backoff:
-nothing is dropped. After ``fallback_after_s`` of failure, events go to the :attr:`fallback`
-(the local journal), which counts as persisted, so delivery goes on through an outage.
+nothing is dropped. After ``fallback_after_s`` of failure, events go to the journal (the local
+write-ahead file), which counts as persisted, so delivery goes on through an outage.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..events import Event, Receipt, now_us
+from ..events import Receipt, now_us
 from ..metrics import RuntimeMetrics
+from ..pipeline import CommittedSink, Emitted
 from .journal import Journal, JournalFull
 from .recorder import (
     AckUpdate,
@@ -38,16 +42,9 @@ from .recorder import (
     StoreUnavailable,
 )
 
-__all__ = ["AuditWriter"]
+__all__ = ["AuditWriter", "DeliveryLog"]
 
 log = logging.getLogger("runwatch.audit")
-
-
-@dataclass(slots=True)
-class _EventItem:
-    event: Event
-    live: bool
-    future: asyncio.Future[int]
 
 
 @dataclass(slots=True)
@@ -63,8 +60,50 @@ class _Settle:
     settled_us: int
 
 
-_Urgent = _EventItem | _RunItem
 _Later = Receipt | AckUpdate | _Settle | ConnectionOpen | ConnectionClose
+
+
+class DeliveryLog:
+    """Receipts, acks, settles and connection records on their way to a commit.
+
+    Nobody waits for these: they are appended here and join the writer's next commit that is
+    due (see :attr:`AuditWriter.low_priority_delay_s`), so they never slow an event's commit.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[_Later] = []
+        self.since = 0.0
+        #: Set when something is added; the writer waits on it.
+        self.wakeup = asyncio.Event()
+
+    def record_receipt(self, receipt: Receipt) -> None:
+        self._add(receipt)
+
+    def record_ack(self, ack: AckUpdate) -> None:
+        self._add(ack)
+
+    def settle(self, run_id: str, settled_us: int) -> None:
+        self._add(_Settle(run_id, settled_us))
+
+    def connection_opened(self, info: ConnectionOpen) -> None:
+        self._add(info)
+
+    def connection_closed(self, info: ConnectionClose) -> None:
+        self._add(info)
+
+    def _add(self, item: _Later) -> None:
+        if not self.items:
+            self.since = time.monotonic()
+        self.items.append(item)
+        self.wakeup.set()
+
+    def take(self) -> list[_Later]:
+        items, self.items = self.items, []
+        return items
+
+    def put_back(self, items: list[_Later]) -> None:
+        if items:
+            self.items[:0] = items
 
 
 class AuditWriter:
@@ -74,33 +113,38 @@ class AuditWriter:
         self,
         store: AuditStore,
         metrics: RuntimeMetrics,
+        sink: CommittedSink,
+        deliveries: DeliveryLog,
         *,
+        journal: Journal | None = None,
         clock_us: Callable[[], int] = now_us,
-        max_batch: int = 1000,
+        max_batch: int = 2000,
         low_priority_delay_s: float = 0.05,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 2.0,
+        fallback_after_s: float = 1.0,
     ) -> None:
         self.store = store
         self.metrics = metrics
+        self.sink = sink
+        self.deliveries = deliveries
+        #: Where events go during a store outage; None: they wait for the store instead.
+        self.journal = journal
         self.clock_us = clock_us
         self.max_batch = max_batch
         self.low_priority_delay_s = low_priority_delay_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
-        #: Where events go during a store outage; None: they wait for the store instead.
-        self.journal: Journal | None = None
-        self.fallback_after_s = 1.0
+        self.fallback_after_s = fallback_after_s
         #: True while events go to the journal (the store failed, or the journal is not
         #: yet drained: events reach the store in order).
         self.degraded = False
         self._retry_delay = retry_initial_s
         self._next_probe = 0.0
         self._probe: asyncio.Task[None] | None = None
-        self._urgent: list[_Urgent] = []
-        self._later: list[_Later] = []
-        self._later_since = 0.0
-        self._wakeup = asyncio.Event()
+        self._events: deque[Emitted] = deque()
+        self._runs: list[_RunItem] = []
+        self._wakeup = deliveries.wakeup
         self._task: asyncio.Task[None] | None = None
         self._all_done = asyncio.Event()
         self._all_done.set()
@@ -108,49 +152,23 @@ class AuditWriter:
 
     # ---- producers ----------------------------------------------------------------------
 
-    async def persist(self, event: Event, live: bool) -> int:
-        """Commit ``event``; returns its commit time (epoch µs) once it is durable."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._urgent.append(_EventItem(event, live, future))
-        self._changed()
-        return await future
+    def submit(self, item: Emitted) -> None:
+        """Queue an emitted event for the next commit; it reaches the sink once committed."""
+        self._events.append(item)
+        self._all_done.clear()
+        self._wakeup.set()
 
     async def create_run(self, run: RunInfo, new_thread: bool) -> tuple[RunInfo, bool]:
         """:meth:`AuditStore.create_run`, committed with the next group."""
         future: asyncio.Future[tuple[RunInfo, bool]] = asyncio.get_running_loop().create_future()
-        self._urgent.append(_RunItem(run, new_thread, future))
-        self._changed()
-        return await future
-
-    def record_receipt(self, receipt: Receipt) -> None:
-        self._add_later(receipt)
-
-    def record_ack(self, ack: AckUpdate) -> None:
-        self._add_later(ack)
-
-    def settle(self, run_id: str, settled_us: int) -> None:
-        self._add_later(_Settle(run_id, settled_us))
-
-    def connection_opened(self, info: ConnectionOpen) -> None:
-        self._add_later(info)
-
-    def connection_closed(self, info: ConnectionClose) -> None:
-        self._add_later(info)
-
-    def _add_later(self, item: _Later) -> None:
-        if not self._later:
-            self._later_since = time.monotonic()
-        self._later.append(item)
-        self._changed()
-
-    def _changed(self) -> None:
+        self._runs.append(_RunItem(run, new_thread, future))
         self._all_done.clear()
-        self.metrics.audit_queue_depth.set(len(self._urgent) + len(self._later))
         self._wakeup.set()
+        return await future
 
     @property
     def pending(self) -> int:
-        return len(self._urgent) + len(self._later)
+        return len(self._events) + len(self._runs) + len(self.deliveries.items)
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -162,6 +180,8 @@ class AuditWriter:
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything handed over so far is committed; False on timeout."""
+        if self.pending:
+            self._all_done.clear()
         self._flush_requested = True
         self._wakeup.set()
         try:
@@ -188,41 +208,56 @@ class AuditWriter:
 
     async def _run(self) -> None:
         while True:
+            self.metrics.audit_queue_depth.set(self.pending)
             if self.degraded:
                 await self._degraded_step()
                 continue
-            if not self._urgent and not self._later:
+            later_items = self.deliveries.items
+            if not self._events and not self._runs and not later_items:
                 self._all_done.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if not self._urgent and not self._flush_requested:
+            urgent = bool(self._events or self._runs)
+            if not urgent and not self._flush_requested:
                 # Only low-priority items: let them gather for a moment.
-                wait = self.low_priority_delay_s - (time.monotonic() - self._later_since)
-                if wait > 0 and len(self._later) < self.max_batch:
+                wait = self.low_priority_delay_s - (time.monotonic() - self.deliveries.since)
+                if wait > 0 and len(later_items) < self.max_batch:
                     self._wakeup.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), wait)
                     continue
-            urgent, self._urgent = self._urgent[: self.max_batch], self._urgent[self.max_batch :]
+            events = self._take_events()
+            runs, self._runs = self._runs, []
             later: list[_Later] = []
-            due = time.monotonic() - self._later_since >= self.low_priority_delay_s
-            if self._later and (due or not urgent or self._flush_requested):
-                later, self._later = self._later, []
-            await self._commit(urgent, later)
-            self.metrics.audit_queue_depth.set(len(self._urgent) + len(self._later))
+            due = time.monotonic() - self.deliveries.since >= self.low_priority_delay_s
+            if later_items and (due or not urgent or self._flush_requested):
+                later = self.deliveries.take()
+            await self._commit(events, runs, later)
 
-    async def _commit(self, urgent: list[_Urgent], later: list[_Later]) -> None:
-        batch = Batch()
-        runs: list[_RunItem] = []
-        events: list[_EventItem] = []
-        for item in urgent:
-            if isinstance(item, _EventItem):
-                events.append(item)
-                batch.events.append((item.event, item.live))
-            else:
-                runs.append(item)
-                batch.new_runs.append((item.run, item.new_thread))
+    def _take_events(self) -> list[Emitted]:
+        """The next batch, in emission order. Taking events frees their outboxes: a run goes
+        on emitting into its outbox while this batch commits (the pipeline), and the bound
+        stays outbox plus one batch."""
+        queue = self._events
+        if len(queue) <= self.max_batch:
+            events = list(queue)
+            queue.clear()
+        else:
+            events = [queue.popleft() for _ in range(self.max_batch)]
+        for item in events:
+            if item.outbox is not None:
+                item.outbox.release()
+                item.outbox = None
+        return events
+
+    async def _commit(
+        self, events: list[Emitted], runs: list[_RunItem], later: list[_Later]
+    ) -> None:
+        batch = Batch(
+            new_runs=[(r.run, r.new_thread) for r in runs],
+            events=[(e.event, e.live) for e in events],
+        )
         self._fill_later(batch, later)
         delay = self.retry_initial_s
         failing_since: float | None = None
@@ -239,7 +274,7 @@ class AuditWriter:
                 log.warning("audit store write failed (%s); retrying in %.2fs", exc, delay)
                 if self.journal is not None and now - failing_since >= self.fallback_after_s:
                     self._enter_degraded(runs, later)
-                    self._urgent[:0] = events
+                    self._events.extendleft(reversed(events))
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
@@ -247,18 +282,19 @@ class AuditWriter:
                 # Not transient: retrying cannot help. Tell the waiters; never hang them.
                 self.metrics.audit_write_errors.inc()
                 log.error("audit store rejected a batch of %d: %s", len(batch), exc)
-                waiting: list[asyncio.Future[int]] | list[asyncio.Future[tuple[RunInfo, bool]]]
-                for waiting in ([e.future for e in events], [r.future for r in runs]):
-                    for future in waiting:
-                        if not future.done():
-                            future.set_exception(exc)
+                for item in events:
+                    if item.durable is not None and not item.durable.done():
+                        item.durable.set_exception(exc)
+                for run in runs:
+                    if not run.future.done():
+                        run.future.set_exception(exc)
                 return
         self.metrics.store_up.set(1)
         self.metrics.audit_batch_size.observe(len(batch))
-        self._resolve_events(events, committed_us)
-        for item, result in zip(runs, created, strict=True):
-            if not item.future.done():
-                item.future.set_result(result)
+        self._committed(events, committed_us)
+        for run_item, result in zip(runs, created, strict=True):
+            if not run_item.future.done():
+                run_item.future.set_result(result)
 
     # ---- outage: the journal ----------------------------------------------------------
 
@@ -267,7 +303,7 @@ class AuditWriter:
         self.degraded = True
         self._retry_delay = self.retry_initial_s
         self._next_probe = time.monotonic() + self._retry_delay
-        self._later[:0] = later
+        self.deliveries.put_back(later)
         self._fail_runs(runs)
 
     def _fail_runs(self, runs: list[_RunItem]) -> None:
@@ -282,9 +318,9 @@ class AuditWriter:
         """Journal new events at once; drain the journal into the store in the background, so
         a store that hangs instead of refusing never delays an event."""
         assert self.journal is not None
-        urgent, self._urgent = self._urgent, []
-        events = [i for i in urgent if isinstance(i, _EventItem)]
-        self._fail_runs([i for i in urgent if isinstance(i, _RunItem)])
+        events = self._take_events()
+        runs, self._runs = self._runs, []
+        self._fail_runs(runs)
         if events:
             committed_us = self.clock_us()
             try:
@@ -292,10 +328,10 @@ class AuditWriter:
                 await self.journal.append([(i.event, i.live) for i in events], committed_us)
             except JournalFull as exc:
                 log.error("%s: events wait for the store", exc)
-                self._urgent[:0] = events
+                self._events.extendleft(reversed(events))
                 await asyncio.sleep(self._retry_delay)
             else:
-                self._resolve_events(events, committed_us)
+                self._committed(events, committed_us)
         self.metrics.journal_depth.set(len(self.journal))
         if self._probe is None and time.monotonic() >= self._next_probe:
             self._probe = asyncio.create_task(self._drain_chunk())
@@ -313,7 +349,7 @@ class AuditWriter:
     async def _drain_chunk(self) -> None:
         assert self.journal is not None
         chunk = self.journal.pending(self.max_batch)
-        later, self._later = self._later, []
+        later = self.deliveries.take()
         batch = Batch(journaled=[(e.event, e.live, e.committed_us) for e in chunk])
         self._fill_later(batch, later)
         try:
@@ -321,7 +357,7 @@ class AuditWriter:
         except StoreError as exc:
             self.metrics.audit_write_errors.inc()
             self.metrics.store_up.set(0)
-            self._later[:0] = later
+            self.deliveries.put_back(later)
             log.debug("audit store still unavailable: %s", exc)
             self._next_probe = time.monotonic() + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, self.retry_max_s)
@@ -331,12 +367,12 @@ class AuditWriter:
         self._next_probe = 0.0
         await self.journal.drained(len(chunk))
         self.metrics.journal_depth.set(len(self.journal))
-        if not len(self.journal) and not self._urgent:
+        if not len(self.journal) and not self._events:
             log.warning("audit store is back: journal drained")
             self.degraded = False
 
     async def _wait_urgent(self) -> None:
-        while not self._urgent:
+        while not self._events and not self._runs:
             self._wakeup.clear()
             await self._wakeup.wait()
 
@@ -354,9 +390,22 @@ class AuditWriter:
             else:
                 batch.closed.append(low)
 
-    def _resolve_events(self, events: list[_EventItem], committed_us: int) -> None:
+    def _committed(self, events: list[Emitted], committed_us: int) -> None:
+        """Events are durable: hand them to the sink in commit order, then wake their waiters."""
+        if not events:
+            return
         done_us = self.clock_us()
+        observe = self.metrics.persist_seconds.observe
         for item in events:
-            if not item.future.done():
-                self.metrics.persist_seconds.observe(max(0, done_us - item.event.ts_us) / 1e6)
-                item.future.set_result(committed_us)
+            item.committed_us = committed_us
+            observe(max(0, done_us - item.event.ts_us) / 1e6)
+        # I6: the sink (the hub's sockets, the broker) sees only committed events.
+        try:
+            self.sink.committed(events)
+        except Exception:
+            # A failing sink must not stop the writer: the events are durable, and clients
+            # catch up from the store with resume.
+            log.exception("handing %d committed events to the sink failed", len(events))
+        for item in events:
+            if item.durable is not None and not item.durable.done():
+                item.durable.set_result(committed_us)

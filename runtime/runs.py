@@ -1,0 +1,178 @@
+"""What a user can do with runs, whatever the transport: chat, resume, cancel, acknowledge.
+
+:class:`RunService` holds the rules of SPEC section 3 that are about runs rather than frames:
+idempotent ``chat`` by ``client_msg_id`` (a refused chat does not use up its id), the chat rate,
+ownership (anything naming another user's run or thread is ``not_found``, the same answer as
+"no such run", so existence never leaks: I7), the resume splice (replay from the store, then
+live, each seq once and in order), and cancel across replicas. The ``/ws`` session feeds it
+parsed frames and writes what it answers; other transports use it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .engine import Engine
+from .events import Event, new_id, now_us
+from .hub import Connection, Hub
+from .metrics import RuntimeMetrics
+from .protocol import Chat, FrameError, ProtocolErrorCode, resumed_frame
+from .ratelimit import TokenBuckets
+from .store.recorder import AuditStore, RunInfo
+from .store.writer import AuditWriter
+
+__all__ = ["Accepted", "RemoteCancel", "RunService"]
+
+log = logging.getLogger("runwatch.runs")
+
+
+class RemoteCancel(Protocol):
+    """Cancels a run executing on another replica (the Redis broker)."""
+
+    async def cancel(self, run_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A chat accepted: the run (new, or the original one for a reused ``client_msg_id``)."""
+
+    run: RunInfo
+    duplicate: bool
+
+
+def _not_found(ref: str, what: str = "run") -> FrameError:
+    # Same answer for "no such run" and "not yours": existence never leaks.
+    return FrameError(ProtocolErrorCode.NOT_FOUND, f"no such {what}", ref)
+
+
+class RunService:
+    """Starts, resumes, cancels and acknowledges runs on behalf of one authenticated user."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        writer: AuditWriter,
+        engine: Engine,
+        hub: Hub,
+        metrics: RuntimeMetrics,
+        chat_rate: TokenBuckets,
+        *,
+        instance_id: str,
+        run_timeout_s: float,
+        remote: RemoteCancel | None = None,
+    ) -> None:
+        self.store = store
+        self.writer = writer
+        self.engine = engine
+        self.hub = hub
+        self.metrics = metrics
+        self.chat_rate = chat_rate
+        self.instance_id = instance_id
+        self.run_timeout_s = run_timeout_s
+        self.remote = remote
+
+    async def owned_run(self, user_id: str, run_id: str) -> RunInfo | None:
+        run = await self.store.get_run(run_id)
+        if run is None or run.user_id != user_id:
+            return None
+        return run
+
+    async def active_runs(self, user_id: str) -> list[dict[str, Any]]:
+        return await self.store.active_runs(user_id)
+
+    # ---- chat ---------------------------------------------------------------------------
+
+    async def chat(self, user_id: str, chat: Chat) -> Accepted | FrameError:
+        """Start a run for ``chat`` (or find the one its ``client_msg_id`` already started)."""
+        ref = chat.client_msg_id
+        existing = await self.store.find_run_by_msg(user_id, chat.client_msg_id)
+        if existing is not None:
+            # Idempotent: the original run, whatever the text; nothing starts.
+            return Accepted(existing, duplicate=True)
+        agent = chat.agent or self.engine.agents.default
+        if self.engine.agents.get(agent) is None:
+            return FrameError(ProtocolErrorCode.UNKNOWN_AGENT, f"no agent named {agent!r}", ref)
+        new_thread = chat.thread_id is None
+        thread_id = chat.thread_id or new_id()
+        if not new_thread and await self.store.thread_owner(thread_id) != user_id:
+            return _not_found(ref, "thread")
+        if not self.engine.accepting:
+            return FrameError(ProtocolErrorCode.RATE_LIMITED, "the server is restarting", ref)
+        if not self.chat_rate.allowed(user_id):
+            wait = max(0.1, self.chat_rate.retry_after(user_id))
+            return FrameError(
+                ProtocolErrorCode.RATE_LIMITED, f"too many chats; retry in {wait:.1f}s", ref
+            )
+        info = RunInfo(
+            run_id=new_id(),
+            user_id=user_id,
+            thread_id=thread_id,
+            agent=agent,
+            client_msg_id=chat.client_msg_id,
+            instance_id=self.instance_id,
+            created_us=now_us(),
+            timeout_s=self.run_timeout_s,
+        )
+        run, duplicate = await self.writer.create_run(info, new_thread)
+        if not duplicate:
+            self.engine.start(run, chat.text)
+        return Accepted(run, duplicate)
+
+    # ---- ack / resume / cancel ----------------------------------------------------------
+
+    async def ack(self, conn: Connection, run_id: str, seq: int) -> FrameError | None:
+        if run_id not in conn.sent and await self.owned_run(conn.user_id, run_id) is None:
+            return _not_found(run_id)
+        await self.hub.ack(conn, run_id, seq)
+        return None
+
+    async def resume(self, conn: Connection, run_id: str, after_seq: int) -> FrameError | None:
+        """Replay ``seq > after_seq`` from the store, send ``resumed``, then continue live."""
+        run = await self.owned_run(conn.user_id, run_id)
+        if run is None:
+            self.metrics.resumes.labels(result="not_found").inc()
+            return _not_found(run_id)
+        # Buffer live events first, then read the store: an event is either in the replay
+        # or in the buffer (or both, and then sent once), never in neither.
+        conn.subscribed.discard(run.run_id)
+        buffer: list[Event] = []
+        conn.resuming[run.run_id] = buffer
+        try:
+            events = await self.store.run_events(run.run_id, after_seq)
+        except BaseException:
+            conn.resuming.pop(run.run_id, None)
+            raise
+        for event in events:
+            # Flow control: a long replay waits for the socket instead of filling the queue.
+            await conn.wait_writable()
+            conn.send_event(event, live=False, replayed=True)
+        last = max([after_seq, *(e.seq for e in events)])
+        conn.send_frame(resumed_frame(run.run_id, after_seq, len(events)))
+        conn.resuming.pop(run.run_id, None)
+        ended = any(e.is_terminal for e in events) or run.ended_us is not None
+        for event in buffer:
+            if event.seq > last:
+                conn.send_event(event, live=True)
+                last = event.seq
+                ended = ended or event.is_terminal
+        if not ended:
+            conn.subscribed.add(run.run_id)
+        self.metrics.resumes.labels(result="ok").inc()
+        return None
+
+    async def cancel(self, user_id: str, run_id: str) -> FrameError | None:
+        active = self.engine.active.get(run_id)
+        if active is not None:
+            if active.info.user_id != user_id:
+                return _not_found(run_id)
+            self.engine.cancel(run_id)
+            return None
+        run = await self.owned_run(user_id, run_id)
+        if run is None:
+            return _not_found(run_id)
+        if run.ended_us is None and self.remote is not None:
+            await self.remote.cancel(run_id)
+        # A run that has ended: the cancel is ignored.
+        return None
