@@ -3,11 +3,13 @@ report, over a real socket to a real server."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from runtime.agents.demo import chunks
 from runtime.events import EventType
-from runtime.tools.builtin import snippet
+from runtime.tools.builtin import docs_search_tool, snippet
 
 from .conftest import LiveServer
 from .invariants import assert_valid
@@ -53,3 +55,15 @@ def test_search_snippets_are_cut_between_words() -> None:
     assert all(w in words for w in cut[:-1].split()), cut
     assert cut.count("`") % 2 == 0, "a code span the cut opened is closed"
     assert snippet("short text") == "short text"
+
+
+def test_search_reads_tables_as_prose(tmp_path: Path) -> None:
+    doc = tmp_path / "ops.md"
+    doc.write_text(
+        "# Close codes\n\n| code | meaning |\n|---|---|\n| 4401 | unauthorized: resume later |\n"
+        "| 4008 | slow consumer |\n",
+        encoding="utf-8",
+    )
+    hits = docs_search_tool([str(doc)]).func(query="resume")["hits"]
+    assert [h["snippet"] for h in hits] == ["4401 — unauthorized: resume later"]
+    assert hits[0]["section"] == "Close codes"

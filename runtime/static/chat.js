@@ -5,7 +5,12 @@
 // latency); `resume` of every unfinished run after a reconnect; `cancel`; `ping` every
 // `heartbeat_s`. Events are de-duplicated by (run_id, seq) and rendered strictly in seq order.
 //
-// Safety: everything the user or an agent typed is inserted with textContent, never innerHTML.
+// Safety: everything the user or an agent typed is inserted with textContent, never innerHTML;
+// answers are Markdown rendered by markdown.js, which builds DOM nodes and never parses HTML.
+//
+// Threads: the sidebar lists the user's threads from GET /api/me/threads (the audit store), and
+// opening one replays its runs over /ws with `resume` from seq 0. The agent menu offers only the
+// agents GET /api/me/agents says can run here.
 //
 // Test hooks: window.runwatchChat = { socket(), dropSocket(offlineMs?), stats() }.
 "use strict";
@@ -19,12 +24,23 @@
   const GAP_RESUME_MS = 2000; // a hole in seq for this long: ask the server to replay
   const REMEMBERED_RUNS = 30; // runs of the current thread restored after a page reload
   const USER_ID = /^[A-Za-z0-9_.@:+-]{1,128}$/;
+  const USER_RULE = "use 1 to 128 letters, digits or _ . @ : + - (no spaces)";
+  const THREADS_PAGE = 30;
+  const PROMPT_CLAMP_PX = 190; // a longer message is folded, with "Show all"
 
   const $ = (id) => document.getElementById(id);
   const ui = {
     user: $("user"),
+    userField: $("user-field"),
+    userError: $("user-error"),
     agent: $("agent"),
     newChat: $("new-chat"),
+    threads: $("threads"),
+    toggleThreads: $("toggle-threads"),
+    threadList: $("thread-list"),
+    threadsEmpty: $("threads-empty"),
+    moreThreads: $("more-threads"),
+    stop: $("stop"),
     status: $("conn-status"),
     tokenBox: $("token-box"),
     tokenReason: $("token-reason"),
@@ -57,6 +73,9 @@
     everConnected: false,
     attempt: 0, // bumps on every connect(); a stale async step sees it changed and stops
     manualToken: null, // pasted by the user when /dev/token is 404
+    token: null, // the token of the current connection, for /api/me
+    threadsCursor: null,
+    threadsTimer: null,
     waitingForToken: false,
     backoff: BACKOFF_MIN_MS,
     retryTimer: null,
@@ -165,12 +184,25 @@
     card.dataset.status = "pending";
     const head = el("header", "run-head");
     const prompt = el("p", "prompt", promptText === null ? "…" : promptText);
+    const more = el("button", "show-more", "Show all");
+    more.type = "button";
+    more.hidden = true;
+    more.addEventListener("click", () => {
+      const open = prompt.classList.toggle("expanded");
+      more.textContent = open ? "Show less" : "Show all";
+      more.setAttribute("aria-expanded", String(open));
+    });
     const meta = el("span", "run-meta");
     const badge = el("span", "badge", promptText === null ? "loading…" : "sending…");
-    const cancel = el("button", "cancel", "Cancel");
+    const cancel = el("button", "cancel");
     cancel.type = "button";
     cancel.hidden = true;
-    head.append(prompt, meta, badge, cancel);
+    const icon = el("span", "stop-icon");
+    icon.setAttribute("aria-hidden", "true");
+    cancel.append(icon, " Stop");
+    const status = el("div", "run-status");
+    status.append(meta, badge, cancel);
+    head.append(prompt, more, status);
     const timeline = el("ol", "timeline");
     timeline.setAttribute("aria-live", "polite");
     timeline.setAttribute("aria-label", "Run steps");
@@ -181,7 +213,22 @@
     error.setAttribute("role", "alert");
     error.hidden = true;
     card.append(head, timeline, answer, error);
-    return { card, prompt, meta, badge, cancel, timeline, answer, error, promptKnown: promptText !== null };
+    const view = { card, prompt, more, meta, badge, cancel, timeline, answer, error, promptKnown: promptText !== null };
+    if (promptText !== null) requestAnimationFrame(() => foldPrompt(view));
+    return view;
+  }
+
+  // A long message is shown folded, as text, with a toggle: never as a wall of bold.
+  function foldPrompt(view) {
+    const long = view.prompt.scrollHeight > PROMPT_CLAMP_PX + 20;
+    view.prompt.classList.toggle("folded", long);
+    view.more.hidden = !long;
+  }
+
+  function setPrompt(view, text) {
+    view.prompt.textContent = text;
+    view.promptKnown = true;
+    requestAnimationFrame(() => foldPrompt(view));
   }
 
   function newRun(runId, view) {
@@ -197,15 +244,20 @@
       restored: false,
       ackTimer: null,
       gapTimer: null,
+      text: "", // the answer so far (text_delta chunks, then final_report)
+      streaming: false,
+      paintQueued: false,
     };
     view.card.dataset.runId = runId;
     view.card.dataset.status = "running";
     view.badge.textContent = "running";
     view.cancel.hidden = false;
     view.cancel.disabled = false;
-    view.cancel.setAttribute("aria-label", "Cancel this run");
+    view.cancel.setAttribute("aria-label", "Stop this run");
+    view.cancel.title = "Stop this run";
     view.cancel.onclick = () => requestCancel(run);
     state.runs.set(runId, run);
+    updateStop();
     return run;
   }
 
@@ -235,6 +287,23 @@
     clearTimeout(run.gapTimer);
     run.gapTimer = null;
     run.buffer.clear();
+    run.streaming = false;
+    paintAnswer(run);
+    updateStop();
+    refreshThreadsSoon();
+  }
+
+  // The composer's Stop button: shown while a run on the page is running; stops them all.
+  function runningOnPage() {
+    const out = [];
+    for (const run of state.runs.values()) {
+      if (!run.done && run.view.card.isConnected) out.push(run);
+    }
+    return out;
+  }
+
+  function updateStop() {
+    ui.stop.hidden = runningOnPage().length === 0;
   }
 
   function showRunError(view, text) {
@@ -242,9 +311,39 @@
     view.error.hidden = false;
   }
 
-  function answer(run) {
-    run.view.answer.hidden = false;
-    return run.view.answer;
+  // The answer as Markdown, repainted at most once a frame while it streams.
+  function paintAnswer(run) {
+    const box = run.view.answer;
+    if (!run.text && !run.streaming) return;
+    box.hidden = false;
+    box.replaceChildren(window.runwatchMarkdown.render(run.text));
+    if (run.streaming) {
+      box.dataset.streaming = "true";
+      const cursor = el("span", "cursor");
+      cursor.setAttribute("aria-hidden", "true");
+      let host = box;
+      while (host.lastElementChild && /^(P|UL|OL|LI|BLOCKQUOTE|PRE|CODE|H[1-6]|DIV|TABLE|TBODY|TR|TD)$/.test(host.lastElementChild.tagName)) {
+        host = host.lastElementChild;
+      }
+      host.append(cursor);
+    } else {
+      delete box.dataset.streaming;
+    }
+  }
+
+  function queuePaint(run) {
+    if (run.paintQueued) return;
+    run.paintQueued = true;
+    requestAnimationFrame(() => {
+      run.paintQueued = false;
+      paintAnswer(run);
+    });
+  }
+
+  function markToolStopped(li) {
+    li.dataset.status = "cancelled";
+    const label = li.querySelector(".tool-state");
+    if (label) label.textContent = "stopped";
   }
 
   function render(run, ev) {
@@ -254,10 +353,7 @@
     if (ev.agent) view.meta.textContent = ev.agent;
     switch (ev.type) {
       case "agent_started":
-        if (!view.promptKnown && typeof d.input === "string") {
-          view.prompt.textContent = d.input;
-          view.promptKnown = true;
-        }
+        if (!view.promptKnown && typeof d.input === "string") setPrompt(view, d.input);
         break;
       case "agent_thinking": {
         const li = el("li", "thinking", d.text);
@@ -292,29 +388,46 @@
           view.timeline.append(li);
         }
         const ok = d.status === "ok";
-        li.dataset.status = ok ? "ok" : "error";
         const when = formatMs(d.duration_ms);
+        if (!ok && d.error === "cancelled") {
+          // The run was stopped while the tool ran: not a failure of the tool.
+          markToolStopped(li);
+          if (when) li.querySelector(".tool-state").textContent = "stopped after " + when;
+          break;
+        }
+        li.dataset.status = ok ? "ok" : "error";
         li.querySelector(".tool-state").textContent = ok ? "done" + (when ? " in " + when : "") : "failed" + (when ? " after " + when : "");
         const detail = ok ? compactJson(d.result) : (d.error || "error");
         if (detail) li.append(el("span", ok ? "tool-result" : "tool-error", shorten(detail, 160)));
         break;
       }
       case "text_delta":
-        answer(run).textContent += typeof d.text === "string" ? d.text : "";
-        view.answer.dataset.streaming = "true";
+        run.text += typeof d.text === "string" ? d.text : "";
+        run.streaming = true;
+        queuePaint(run);
         break;
       case "final_report":
-        answer(run).textContent = typeof d.text === "string" ? d.text : compactJson(d.text);
-        delete view.answer.dataset.streaming;
+        run.text = typeof d.text === "string" ? d.text : compactJson(d.text);
+        run.streaming = false;
+        paintAnswer(run);
         break;
       case "agent_completed":
         finish(run, "completed", "done" + (formatMs(d.duration_ms) ? " · " + formatMs(d.duration_ms) : ""));
         break;
       case "agent_error": {
-        const cancelled = d.code === "cancelled";
-        finish(run, cancelled ? "cancelled" : "error", cancelled ? "cancelled" : "error");
-        delete view.answer.dataset.streaming;
-        showRunError(view, (cancelled ? "Cancelled" : "Error " + d.code) + ": " + (d.message || "") +
+        if (d.code === "cancelled") {
+          // Stopped on purpose (here or in another tab): a plain note, not an error.
+          finish(run, "cancelled", "stopped");
+          for (const li of run.tools.values()) {
+            if (li.dataset.status === "running") markToolStopped(li);
+          }
+          view.error.classList.add("stopped-note");
+          view.error.removeAttribute("role");
+          showRunError(view, "Stopped. " + (run.text ? "The answer above is incomplete." : "No answer was given."));
+          break;
+        }
+        finish(run, "error", "error");
+        showRunError(view, "Error " + d.code + ": " + (d.message || "") +
           (d.retryable ? " (you can try again)" : ""));
         if (d.retryable && view.promptKnown) {
           const again = el("button", "retry", "Ask again");
@@ -381,7 +494,7 @@
     if (run.done) return;
     state.cancels.add(run.id);
     run.view.cancel.disabled = true;
-    run.view.cancel.textContent = "Cancelling…";
+    run.view.cancel.lastChild.textContent = " Stopping…";
     send({ type: "cancel", run_id: run.id }); // if offline, sent again after the reconnect
   }
 
@@ -410,10 +523,7 @@
       // Already shown (its events or `active_runs` came first): keep one card, where the chat was.
       if (pending) {
         if (pending.view.card.isConnected) pending.view.card.replaceWith(run.view.card);
-        if (!run.view.promptKnown) {
-          run.view.prompt.textContent = pending.frame.text;
-          run.view.promptKnown = true;
-        }
+        if (!run.view.promptKnown) setPrompt(run.view, pending.frame.text);
       }
     } else {
       const view = pending ? pending.view : newView(null);
@@ -422,6 +532,8 @@
     }
     if (frame.thread_id) setThread(run, frame.thread_id);
     saveThread();
+    markCurrentThread();
+    refreshThreadsSoon();
   }
 
   function showRefused(pending, frame) {
@@ -504,6 +616,10 @@
 
   async function getToken() {
     if (state.manualToken) return state.manualToken;
+    return fetchDevToken();
+  }
+
+  async function fetchDevToken() {
     let response;
     try {
       response = await fetch("/dev/token", {
@@ -525,6 +641,7 @@
 
   function askForToken(message) {
     state.waitingForToken = true;
+    ui.userField.hidden = true; // outside dev mode the token, not this field, names the user
     ui.tokenReason.textContent = message;
     ui.tokenBox.hidden = false;
     setStatus("offline", "token needed");
@@ -546,7 +663,7 @@
       if (e.kind === "no-dev-mode") {
         askForToken("This server is not in dev mode.");
       } else if (e.kind === "bad-user") {
-        ui.user.setAttribute("aria-invalid", "true");
+        showUserError("“" + state.user + "” is not a valid user name: " + USER_RULE + ".");
         setStatus("offline", "invalid user name");
       } else {
         scheduleReconnect();
@@ -554,6 +671,7 @@
       return;
     }
     if (attempt !== state.attempt) return; // superseded while the token was on its way
+    state.token = token;
 
     const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
     let ws;
@@ -598,9 +716,19 @@
     state.everConnected = true;
     state.backoff = BACKOFF_MIN_MS;
     state.stats.connects += 1;
-    ui.user.removeAttribute("aria-invalid");
+    if (state.manualToken && frame.user_id !== state.user && typeof frame.user_id === "string") {
+      // A pasted token names its user: show that user's remembered thread, not the last one's.
+      if (state.pending.size === 0) startAsUser(frame.user_id);
+      else state.user = frame.user_id;
+    }
+    showUserError("");
     showNotice("");
     setStatus("connected", "connected as " + frame.user_id);
+    // One identity in the header: with a pasted token the user is the token's, not editable.
+    ui.userField.hidden = Boolean(state.manualToken);
+    if (!state.manualToken) ui.user.value = frame.user_id;
+    loadAgents();
+    loadThreads(false);
 
     clearInterval(state.heartbeat);
     const every = Math.max(1, Number(frame.heartbeat_s) || 20) * 1000;
@@ -695,7 +823,141 @@
     connect();
   }
 
+  // ---- the API: agents and threads (GET /api/me/..., with the connection's token) --------------
+
+  async function api(path) {
+    if (!state.token) return null;
+    let response;
+    try {
+      response = await fetch(path, { headers: { Authorization: "Bearer " + state.token }, cache: "no-store" });
+    } catch (e) {
+      return null; // offline: the list stays as it is and is reloaded on the next connect
+    }
+    if (!response.ok) return { status: response.status, body: null };
+    return { status: response.status, body: await response.json() };
+  }
+
+  async function loadAgents() {
+    const answer = await api("/api/me/agents");
+    if (!answer || !answer.body || !Array.isArray(answer.body.agents)) return;
+    const usable = answer.body.agents.filter((a) => a && a.available && typeof a.name === "string");
+    if (!usable.length) return;
+    const wanted = storage.get("runwatch.agent");
+    const names = usable.map((a) => a.name);
+    const chosen = names.includes(wanted) ? wanted : (names.includes(answer.body.default) ? answer.body.default : names[0]);
+    ui.agent.replaceChildren(...names.map((name) => {
+      const option = el("option", null, name);
+      option.value = name;
+      return option;
+    }));
+    ui.agent.value = chosen;
+    const off = answer.body.agents.filter((a) => a && !a.available).map((a) => a.name + ": " + a.reason);
+    ui.agent.title = off.length ? "Not available here: " + off.join("; ") : "";
+  }
+
+  function relativeTime(iso) {
+    const then = Date.parse(iso);
+    if (!Number.isFinite(then)) return "";
+    const s = Math.max(0, (Date.now() - then) / 1000);
+    if (s < 60) return "just now";
+    if (s < 3600) return Math.floor(s / 60) + " min ago";
+    if (s < 86400) return Math.floor(s / 3600) + " h ago";
+    return new Date(then).toLocaleDateString();
+  }
+
+  function threadItem(t) {
+    const li = el("li", "thread");
+    li.dataset.threadId = t.thread_id;
+    const button = el("button", "thread-open");
+    button.type = "button";
+    button.title = t.title;
+    button.append(
+      el("span", "thread-title", t.title || "(empty message)"),
+      el("span", "thread-meta", relativeTime(t.last_run_at) + " · " + t.run_count + (t.run_count === 1 ? " message" : " messages")),
+    );
+    button.addEventListener("click", () => openThread(t.thread_id));
+    li.append(button);
+    return li;
+  }
+
+  async function loadThreads(more) {
+    const user = state.user;
+    const query = "?limit=" + THREADS_PAGE + (more && state.threadsCursor ? "&cursor=" + encodeURIComponent(state.threadsCursor) : "");
+    const answer = await api("/api/me/threads" + query);
+    if (!answer || !answer.body || user !== state.user) return;
+    const items = Array.isArray(answer.body.items) ? answer.body.items : [];
+    const nodes = items.filter((t) => t && typeof t.thread_id === "string").map(threadItem);
+    if (more) ui.threadList.append(...nodes);
+    else ui.threadList.replaceChildren(...nodes);
+    state.threadsCursor = answer.body.next_cursor || null;
+    ui.moreThreads.hidden = !state.threadsCursor;
+    ui.threadsEmpty.hidden = ui.threadList.children.length > 0;
+    markCurrentThread();
+  }
+
+  // After a run starts or ends: refresh the list once things settle (titles, order, counts).
+  function refreshThreadsSoon() {
+    clearTimeout(state.threadsTimer);
+    state.threadsTimer = setTimeout(() => loadThreads(false), 400);
+  }
+
+  function markCurrentThread() {
+    for (const li of ui.threadList.children) {
+      const current = li.dataset.threadId === state.threadId;
+      li.classList.toggle("current", current);
+      const button = li.querySelector("button");
+      if (current) button.setAttribute("aria-current", "true");
+      else button.removeAttribute("aria-current");
+    }
+  }
+
+  // Bring back an earlier thread: its runs from the store, their events replayed over /ws.
+  async function openThread(threadId) {
+    closeThreadsPanel();
+    if (threadId === state.threadId && ui.runs.querySelector("article.run")) return;
+    const answer = await api("/api/me/threads/" + encodeURIComponent(threadId));
+    if (!answer) return;
+    if (answer.status === 404) {
+      showNotice("That chat is no longer stored.");
+      loadThreads(false);
+      return;
+    }
+    if (!answer.body || !Array.isArray(answer.body.runs)) return;
+    clearConversation();
+    state.threadId = threadId;
+    for (const item of answer.body.runs) {
+      if (!item || typeof item.run_id !== "string") continue;
+      let run = state.runs.get(item.run_id);
+      if (run) {
+        ui.runs.append(run.view.card); // known already: its card comes back as it was
+      } else {
+        run = ensureRun(item.run_id);
+        run.restored = true;
+        if (typeof item.input === "string") setPrompt(run.view, item.input);
+        send({ type: "resume", run_id: run.id, after_seq: 0 });
+      }
+      setThread(run, threadId);
+    }
+    updateHint();
+    updateStop();
+    saveThread();
+    markCurrentThread();
+    scrollToBottom();
+  }
+
+  function closeThreadsPanel() {
+    document.body.classList.remove("threads-open");
+    ui.toggleThreads.setAttribute("aria-expanded", "false");
+  }
+
   // ---- page state -------------------------------------------------------------------------------
+
+  function showUserError(text) {
+    ui.userError.textContent = text;
+    ui.userError.hidden = !text;
+    if (text) ui.user.setAttribute("aria-invalid", "true");
+    else ui.user.removeAttribute("aria-invalid");
+  }
 
   function clearConversation() {
     // Runs stay known (their events are still de-duplicated and acked); their cards leave the page.
@@ -703,8 +965,11 @@
     state.threadId = null;
     for (const card of ui.runs.querySelectorAll("article.run")) card.remove();
     for (const pending of state.pending.values()) pending.view.card.remove();
+    showNotice("");
     updateHint();
+    updateStop();
     saveThread();
+    markCurrentThread();
   }
 
   function startAsUser(user) {
@@ -718,6 +983,10 @@
     for (const card of ui.runs.querySelectorAll("article.run")) card.remove();
     state.user = user;
     state.generation += 1;
+    state.threadsCursor = null;
+    ui.threadList.replaceChildren();
+    ui.threadsEmpty.hidden = false;
+    ui.moreThreads.hidden = true;
     const saved = loadThread();
     state.threadId = saved.threadId;
     // The thread's runs, replayed from the audit store once connected (resume from seq 0).
@@ -753,19 +1022,30 @@
 
   ui.newChat.addEventListener("click", () => {
     clearConversation();
+    closeThreadsPanel();
     ui.message.focus();
   });
 
-  ui.agent.value = storage.get("runwatch.agent") === "llm" ? "llm" : "demo";
+  ui.moreThreads.addEventListener("click", () => loadThreads(true));
+
+  ui.toggleThreads.addEventListener("click", () => {
+    const open = document.body.classList.toggle("threads-open");
+    ui.toggleThreads.setAttribute("aria-expanded", String(open));
+  });
+
+  ui.stop.addEventListener("click", () => {
+    for (const run of runningOnPage()) requestCancel(run);
+  });
+
   ui.agent.addEventListener("change", () => storage.set("runwatch.agent", ui.agent.value));
 
   ui.user.addEventListener("change", () => {
     const user = ui.user.value.trim() || "dev";
     if (!USER_ID.test(user)) {
-      ui.user.setAttribute("aria-invalid", "true");
+      showUserError("“" + user + "” is not a valid user name: " + USER_RULE + ".");
       return;
     }
-    ui.user.removeAttribute("aria-invalid");
+    showUserError("");
     ui.user.value = user;
     if (user === state.user) return;
     storage.set("runwatch.user", user);

@@ -211,6 +211,18 @@ def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
     return cut + "…"
 
 
+def _table_rows(table: str, terms: set[str]) -> str:
+    """A Markdown table as prose: the rows that mention a term, cells joined by " — "."""
+    rows = []
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if all(set(c) <= set("-: ") for c in cells):
+            continue  # the header separator
+        if {w.lower() for w in _WORD.findall(line)} & terms:
+            rows.append(" — ".join(c for c in cells if c))
+    return "; ".join(rows)
+
+
 def _search_docs(paths: list[Path], query: str, limit: int = 5) -> dict[str, Any]:
     terms = {w.lower() for w in _WORD.findall(query)}
     if not terms:
@@ -226,6 +238,8 @@ def _search_docs(paths: list[Path], query: str, limit: int = 5) -> dict[str, Any
             stripped = para.strip()
             if stripped.startswith("#"):
                 heading = stripped.splitlines()[0].lstrip("#").strip()
+            if stripped.startswith("|"):
+                stripped = _table_rows(stripped, terms)
             words = [w.lower() for w in _WORD.findall(stripped)]
             score = sum(words.count(t) for t in terms)
             if score:
