@@ -19,10 +19,13 @@ from runtime.events import now_us
 from runtime.store.models import RunRow
 from runtime.store.recorder import AuditStore
 
-from .checker import load_facts
-from .rules import RuleConfig, RunState, check_run, run_state
+from .checker import load_many
+from .rules import RuleConfig, RunFacts, RunState, check_run, run_state
 
 __all__ = ["judge_runs", "run_check"]
+
+#: Runs loaded (three queries) and judged at a time.
+_CHUNK = 200
 
 
 def rule_config(settings: Settings) -> RuleConfig:
@@ -45,28 +48,27 @@ async def judge_runs(
         else:
             query = query.where(RunRow.created_us >= since_us)
         ids = list((await conn.execute(query.order_by(RunRow.created_us))).scalars())
-        for rid in ids:
-            loaded = await load_facts(conn, rid)
-            if loaded is None:
-                continue
-            run, facts = loaded
-            state = run_state(facts, config, now_us)
-            violations = check_run(facts, config, now_us) if state != RunState.OPEN else []
-            results.append(
-                {
-                    "run_id": rid,
-                    "user_id": run.user_id,
-                    "agent": run.agent,
-                    "state": state.value,
-                    "outcome": run.outcome,
-                    "events": len(facts.events),
-                    "verdict": "open"
-                    if state == RunState.OPEN
-                    else ("fail" if violations else "pass"),
-                    "violations": [v.to_dict() for v in violations],
-                }
-            )
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i : i + _CHUNK]
+            loaded = await load_many(conn, chunk, _CHUNK)  # three queries per chunk
+            results += [_judge(loaded[rid], config, now_us) for rid in chunk if rid in loaded]
     return results
+
+
+def _judge(loaded: tuple[Any, RunFacts], config: RuleConfig, now_us: int) -> dict[str, Any]:
+    run, facts = loaded
+    state = run_state(facts, config, now_us)
+    violations = check_run(facts, config, now_us) if state != RunState.OPEN else []
+    return {
+        "run_id": facts.run_id,
+        "user_id": run.user_id,
+        "agent": run.agent,
+        "state": state.value,
+        "outcome": run.outcome,
+        "events": len(facts.events),
+        "verdict": "open" if state == RunState.OPEN else ("fail" if violations else "pass"),
+        "violations": [v.to_dict() for v in violations],
+    }
 
 
 def _print_table(results: list[dict[str, Any]], out: TextIO) -> None:
