@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -22,9 +23,22 @@ from runtime.config import Settings
 from runtime.events import now_us
 from runtime.store.recorder import AuditStore
 
-from .queries import RunFilter, list_runs, list_violations, run_detail, slo_figures
+from .queries import (
+    SINCE_HELP,
+    SINCE_PATTERN,
+    FilterError,
+    RunFilter,
+    agent_health,
+    list_runs,
+    list_violations,
+    parse_since,
+    run_detail,
+    slo_figures,
+)
 
-__all__ = ["COOKIE", "MonitorAuth", "build_api"]
+__all__ = ["COOKIE", "MonitorAuth", "build_api", "log_state"]
+
+log = logging.getLogger("runwatch.monitor")
 
 COOKIE = "runwatch_monitor"
 
@@ -70,6 +84,17 @@ class MonitorAuth:
         cookie = request.cookies.get(COOKIE, "")
         return bool(cookie) and hmac.compare_digest(cookie, self.session_value())
 
+    def state(self) -> str:
+        """One line for the startup log: is the monitor on, and how is it protected."""
+        if self.misconfigured:
+            return (
+                "monitor UI and API are OFF: RUNWATCH_ADMIN_TOKEN is not set (outside dev mode "
+                "the monitor never runs open); /monitor and /api answer 503"
+            )
+        if self.open:
+            return "monitor UI and API are OPEN to anyone who can reach them (dev mode, no token)"
+        return "monitor UI and API need the admin token (RUNWATCH_ADMIN_TOKEN)"
+
     def require_api(self, request: Request) -> None:
         if self.misconfigured:
             raise HTTPException(503, "the monitor needs RUNWATCH_ADMIN_TOKEN outside dev mode")
@@ -103,13 +128,25 @@ class RunDetail(BaseModel):
     violations: list[dict[str, Any]]
 
 
+class AgentHealth(BaseModel):
+    agent: str
+    window_s: float
+    ended: int = Field(description="runs of this agent that ended in the window")
+    outcomes: dict[str, int]
+    error_ratio: float | None = Field(description="share of ended runs with outcome error")
+    restart_ratio: float | None = Field(
+        description="share of ended runs with outcome runtime_restarted"
+    )
+
+
 class SloWindow(BaseModel):
     window_s: float
     delivery: dict[str, Any]
     completeness: dict[str, Any]
     persistence: dict[str, Any]
-    open_runs: int
+    open_runs: int = Field(description="runs without a terminal event, not stuck")
     stuck_runs: int
+    agents: list[AgentHealth] = Field(description="per agent, worst first")
 
 
 class Slo(BaseModel):
@@ -117,16 +154,34 @@ class Slo(BaseModel):
     day: SloWindow
 
 
-def _us(value: datetime | None) -> int | None:
+Since = Annotated[str | None, Query(description=SINCE_HELP, max_length=40, pattern=SINCE_PATTERN)]
+
+
+def _time(value: str | None, now: int, field: str) -> int | None:
+    """A ``since``/``until`` value, refused with the standard 422 body the schema documents."""
     if value is None:
         return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return int(value.timestamp()) * 1_000_000 + value.microsecond
+    try:
+        return parse_since(value, now, field)
+    except FilterError as exc:
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", field), "msg": str(exc), "input": value}]
+        ) from None
+
+
+def log_state(auth: MonitorAuth) -> None:
+    """Say at startup whether the monitor is off, open or protected."""
+    if auth.misconfigured:
+        log.error(auth.state())
+    elif auth.open:
+        log.warning(auth.state())
+    else:
+        log.info(auth.state())
 
 
 def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
     """The API router; it reads the store set as ``app.state.monitor_store``."""
+    log_state(auth)
     router = APIRouter(
         prefix="/api",
         tags=["monitor"],
@@ -145,21 +200,24 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
         user: Annotated[str | None, Query(max_length=200)] = None,
         rule: RuleName | None = None,
         state: Literal["ended", "stuck"] | None = None,
-        since: Annotated[datetime | None, Query(description="RFC 3339 time")] = None,
-        until: Annotated[datetime | None, Query(description="RFC 3339 time")] = None,
+        thread: Annotated[str | None, Query(max_length=64, description="one thread id")] = None,
+        since: Since = None,
+        until: Since = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[
             str | None, Query(max_length=300, pattern=r"^[01]:\d{1,18}:[0-9A-Za-z]{1,64}$")
         ] = None,
     ) -> Page:
+        now = now_us()
         f = RunFilter(
             verdict=verdict,
             agent=agent,
             user=user,
             rule=rule,
             state=state,
-            since_us=_us(since),
-            until_us=_us(until),
+            since_us=_time(since, now, "since"),
+            until_us=_time(until, now, "until"),
+            thread=thread,
         )
         items, nxt = await list_runs(c, f, limit=limit, cursor=cursor)
         return Page(items=items, next_cursor=nxt)
@@ -180,14 +238,14 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
     async def violations(
         c: Conn,
         rule: RuleName | None = None,
-        since: Annotated[datetime | None, Query(description="RFC 3339 time")] = None,
+        since: Since = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(max_length=20, pattern=r"^\d{1,18}$")] = None,
     ) -> Page:
         items, nxt = await list_violations(
             c,
             rule=rule,
-            since_us=_us(since),
+            since_us=_time(since, now_us(), "since"),
             limit=limit,
             before_id=int(cursor) if cursor else None,
         )
@@ -198,11 +256,11 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
         now = now_us()
         windows = {}
         for name, seconds in (("hour", 3600.0), ("day", 86400.0)):
-            windows[name] = SloWindow(
-                **await slo_figures(
-                    c, now_us=now, window_s=seconds, delivery_slo_s=settings.delivery_slo_s
-                )
+            figures = await slo_figures(
+                c, now_us=now, window_s=seconds, delivery_slo_s=settings.delivery_slo_s
             )
+            health = await agent_health(c, now_us=now, window_s=seconds)
+            windows[name] = SloWindow(**figures, agents=[AgentHealth(**a) for a in health])
         return Slo(**windows)
 
     return router

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, case, func, select
@@ -13,7 +15,62 @@ from runtime.store.models import DeliveryRow, EventRow, RunRow
 
 from .models import PendingRun, VerdictRow, ViolationRow
 
-__all__ = ["RunFilter", "list_runs", "list_violations", "run_detail", "slo_figures"]
+__all__ = [
+    "SINCE_HELP",
+    "SINCE_PATTERN",
+    "FilterError",
+    "RunFilter",
+    "agent_health",
+    "list_runs",
+    "list_violations",
+    "parse_since",
+    "run_detail",
+    "slo_figures",
+]
+
+SINCE_HELP = "a duration back from now (30m, 1h, 24h, 7d) or an RFC 3339 time"
+#: What the page and the API accept for ``since``/``until``: the schema's pattern says the same.
+SINCE_PATTERN = (
+    r"^(\d{1,6}[smhdw]|\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+    r"([Tt ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)?)?)$"
+)
+_DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class FilterError(ValueError):
+    """A filter value the monitor does not accept; ``field`` names it, the text says why."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.args[0]}"
+
+
+def parse_since(text: str, now_us: int, field: str = "since") -> int:
+    """``1h``, ``24h``, ``7d`` (back from ``now_us``) or an RFC 3339 time (``Z`` or an offset;
+    a date alone is midnight UTC) → epoch microseconds. The web UI and the API both use this,
+    so a value means the same in both and is refused the same way."""
+    value = text.strip()
+    match = _DURATION.match(value)
+    if match:
+        # Further back than the epoch means "from the beginning".
+        return max(now_us - int(match.group(1)) * _UNIT_S[match.group(2)] * 1_000_000, 0)
+    if re.match(SINCE_PATTERN, value):
+        try:
+            parsed = datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+        except ValueError:
+            parsed = None
+        if parsed is not None:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            try:
+                return int(parsed.timestamp()) * 1_000_000 + parsed.microsecond
+            except (OverflowError, OSError, ValueError):
+                pass
+    raise FilterError(field, f"expected {SINCE_HELP}; got {value[:60]!r}")
 
 
 @dataclass(frozen=True)
@@ -25,13 +82,14 @@ class RunFilter:
     state: str | None = None
     since_us: int | None = None
     until_us: int | None = None
+    thread: str | None = None
 
 
 def _ts(us: int | None) -> str | None:
     return format_ts(us) if us is not None else None
 
 
-def _verdict_dict(v: Any) -> dict[str, Any]:
+def _verdict_dict(v: Any, prompt: str | None = None) -> dict[str, Any]:
     return {
         "run_id": v.run_id,
         "user_id": v.user_id,
@@ -46,7 +104,30 @@ def _verdict_dict(v: Any) -> dict[str, Any]:
         "created_at": _ts(v.created_us),
         "ended_at": _ts(v.ended_us),
         "judged_at": _ts(v.judged_us),
+        "duration_ms": (v.ended_us - v.created_us) / 1000 if v.ended_us is not None else None,
+        "prompt": prompt,
     }
+
+
+PROMPT_CHARS = 200
+
+
+async def _prompts(conn: AsyncConnection, run_ids: list[str]) -> dict[str, str]:
+    """The user's message of each run (its ``agent_started`` input), on one line, cut short."""
+    if not run_ids:
+        return {}
+    rows = await conn.execute(
+        select(EventRow.run_id, EventRow.data).where(
+            EventRow.run_id.in_(run_ids), EventRow.seq == 1
+        )
+    )
+    out = {}
+    for run_id, data in rows:
+        text = data.get("input") if isinstance(data, dict) else None
+        if isinstance(text, str):
+            flat = " ".join(text.split())
+            out[run_id] = flat if len(flat) <= PROMPT_CHARS else flat[: PROMPT_CHARS - 1] + "…"
+    return out
 
 
 async def list_runs(
@@ -63,6 +144,8 @@ async def list_runs(
         q = q.where(VerdictRow.user_id == f.user)
     if f.state:
         q = q.where(VerdictRow.state == f.state)
+    if f.thread:
+        q = q.where(VerdictRow.thread_id == f.thread)
     if f.since_us is not None:
         q = q.where(VerdictRow.created_us >= f.since_us)
     if f.until_us is not None:
@@ -95,7 +178,8 @@ async def list_runs(
     if more and rows:
         last = rows[-1]
         next_cursor = f"{0 if last.verdict == 'fail' else 1}:{last.created_us}:{last.run_id}"
-    return [_verdict_dict(r) for r in rows], next_cursor
+    prompts = await _prompts(conn, [r.run_id for r in rows])
+    return [_verdict_dict(r, prompts.get(r.run_id)) for r in rows], next_cursor
 
 
 async def run_detail(conn: AsyncConnection, run_id: str) -> dict[str, Any] | None:
@@ -135,7 +219,7 @@ async def run_detail(conn: AsyncConnection, run_id: str) -> dict[str, Any] | Non
             "ended_at": _ts(run.ended_us),
             "timeout_s": run.timeout_s,
         },
-        "verdict": _verdict_dict(verdict) if verdict else None,
+        "verdict": _verdict_dict(verdict, None) if verdict else None,
         "events": [
             {
                 "position": e.position,
@@ -265,7 +349,13 @@ async def slo_figures(
             )
         )
     ).one()
-    pending = (await conn.execute(select(func.count()).select_from(PendingRun))).scalar() or 0
+    # Open = no terminal event yet. (The checker's pending set also holds ended runs whose acks
+    # it still waits for; those are not in progress.) Stuck runs are counted apart.
+    unended = (
+        await conn.execute(
+            select(func.count()).select_from(RunRow).where(RunRow.ended_us.is_(None))
+        )
+    ).scalar() or 0
     stuck = (
         await conn.execute(select(func.count()).select_from(PendingRun).where(PendingRun.judged))
     ).scalar() or 0
@@ -291,6 +381,49 @@ async def slo_figures(
             "total": int(p[0]),
             "ratio": _ratio(int(p[1]), int(p[0])),
         },
-        "open_runs": int(pending) - int(stuck),
+        "open_runs": max(int(unended) - int(stuck), 0),
         "stuck_runs": int(stuck),
     }
+
+
+OUTCOMES = ("completed", "error", "cancelled", "timeout", "runtime_restarted")
+
+
+async def agent_health(
+    conn: AsyncConnection, *, now_us: int, window_s: float
+) -> list[dict[str, Any]]:
+    """Per agent, the runs that ended in the window by outcome, and the shares that ended in
+    ``error`` (the agent failed) and ``runtime_restarted`` (a crash or a kill ended them):
+    a crash-looping agent shows here even when every run it had was judged complete."""
+    since = now_us - int(window_s * 1_000_000)
+    rows = (
+        await conn.execute(
+            select(RunRow.agent, RunRow.outcome, func.count())
+            .where(RunRow.ended_us.is_not(None), RunRow.ended_us >= since)
+            .group_by(RunRow.agent, RunRow.outcome)
+        )
+    ).all()
+    by_agent: dict[str, dict[str, int]] = {}
+    for agent, outcome, count in rows:
+        counts = by_agent.setdefault(agent, dict.fromkeys(OUTCOMES, 0))
+        key = outcome if outcome in counts else "error"
+        counts[key] += int(count)
+    out: list[dict[str, Any]] = []
+    for agent, counts in sorted(by_agent.items(), key=lambda ac: -_unhealthy(ac[1])):
+        ended = sum(counts.values())
+        out.append(
+            {
+                "agent": agent,
+                "window_s": window_s,
+                "ended": ended,
+                "outcomes": counts,
+                "error_ratio": _ratio(counts["error"], ended),
+                "restart_ratio": _ratio(counts["runtime_restarted"], ended),
+            }
+        )
+    return out
+
+
+def _unhealthy(counts: dict[str, int]) -> float:
+    ended = sum(counts.values())
+    return (counts["error"] + counts["runtime_restarted"]) / ended if ended else 0.0

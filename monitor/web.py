@@ -18,10 +18,20 @@ from runtime.store.recorder import AuditStore
 
 from .api import COOKIE, MonitorAuth
 from .models import ViolationRow
-from .queries import RunFilter, list_runs, list_violations, run_detail, slo_figures
+from .queries import (
+    SINCE_HELP,
+    FilterError,
+    RunFilter,
+    agent_health,
+    list_runs,
+    list_violations,
+    parse_since,
+    run_detail,
+    slo_figures,
+)
 from .rules import Rule
 
-__all__ = ["build_web", "timeline_svg"]
+__all__ = ["build_web", "human_ms", "timeline_svg"]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -38,7 +48,28 @@ RULE_MEANINGS = {
     "delivery_slo": "an event acked late or never by a live owner connection",
 }
 
-SINCE = {"1h": 3600, "1d": 86400, "7d": 7 * 86400}
+#: An agent whose ended runs errored or were cut by a restart this often is shown red.
+AGENT_BAD_RATIO = 0.05
+
+DEFERRED_MEANING = (
+    "deferred: emitted while the owner had no live connection (no tab open); it reaches the "
+    "user by resume later, and is outside the delivery SLO"
+)
+
+
+def human_ms(ms: float) -> str:
+    """Milliseconds in the unit a person reads: ``850 ms``, ``1.5 s``, ``2 min 5 s``."""
+    if ms < 1:
+        return f"{ms:.2g} ms" if ms else "0"
+    if ms < 1000:
+        return f"{ms:.0f} ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.3g} s"
+    minutes, seconds = divmod(round(ms / 1000), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s" if seconds else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def _pct(ratio: float | None) -> str:
@@ -76,9 +107,9 @@ def timeline_svg(events: list[dict[str, Any]], slo_s: float) -> str:
     for i in range(5):
         gx = left + width * i / 4
         parts.append(f'<line class="axis" x1="{gx:.1f}" y1="12" x2="{gx:.1f}" y2="{height}"/>')
-        parts.append(
-            f'<text x="{gx:.1f}" y="10" text-anchor="middle">{span * i / 4 / 1000:.1f}</text>'
-        )
+        anchor = "start" if i == 0 else "end" if i == 4 else "middle"
+        tick = human_ms(span * i / 4 / 1000)
+        parts.append(f'<text x="{gx:.1f}" y="10" text-anchor="{anchor}">{tick}</text>')
     for n, e in enumerate(events):
         y = 26 + n * row
         label = f"{e['seq']:>3} {e['type']}"
@@ -114,12 +145,22 @@ def _esc(text: str) -> str:
 
 
 def _ms(us: int | None, base: int) -> str:
-    return "—" if us is None else f"{(us - base) / 1000:.1f}"
+    return "—" if us is None else human_ms((us - base) / 1000)
+
+
+def _share(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio * 100:.1f}%"
 
 
 def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRouter:
     templates = Jinja2Templates(directory=str(TEMPLATES))
+    templates.env.filters["human_ms"] = human_ms
     router = APIRouter(prefix="/monitor", include_in_schema=False)
+
+    def not_found(request: Request, what: str) -> Response:
+        return templates.TemplateResponse(
+            request, "not_found.html", {"what": what}, status_code=404
+        )
 
     def gate(request: Request) -> Response | None:
         if auth.misconfigured:
@@ -170,6 +211,10 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
                 )
             ).all()
             failing, _ = await list_runs(conn, RunFilter(verdict="fail"), limit=20, cursor=None)
+            agents = {
+                q: await agent_health(conn, now_us=now, window_s=seconds)
+                for q, seconds in (("1h", 3600), ("1d", 86400))
+            }
         tiles = []
         for key, label in (
             ("delivery", "Delivered within 1 s"),
@@ -207,17 +252,61 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
                 "key": "open",
                 "label": "Open runs",
                 "value": str(day["open_runs"]),
-                "detail": "in progress",
+                "detail": "in progress now (no terminal event yet)",
                 "status": "none",
                 "href": "/monitor/runs",
             }
         )
+        # Beside the SLO tiles: a crash-looping agent fails no rule (its runs end properly with
+        # runtime_restarted) but must not look green.
+        for q, window in (("1h", "1 h"), ("1d", "24 h")):
+            worst = agents[q][0] if agents[q] else None
+            bad_share = (
+                (worst["error_ratio"] or 0) + (worst["restart_ratio"] or 0) if worst else None
+            )
+            tiles.append(
+                {
+                    "key": f"agents-{q}",
+                    "label": f"Agent errors and restarts, last {window}",
+                    "value": "—" if worst is None else _share(bad_share),
+                    "detail": "no run ended"
+                    if worst is None
+                    else f"worst: {worst['agent']}, {worst['outcomes']['error']} errors and "
+                    f"{worst['outcomes']['runtime_restarted']} restarts of {worst['ended']}",
+                    "status": "none"
+                    if bad_share is None
+                    else "bad"
+                    if bad_share >= AGENT_BAD_RATIO
+                    else "warn"
+                    if bad_share > 0
+                    else "ok",
+                    "href": "#agents",
+                }
+            )
         tiles.sort(key=lambda t: {"bad": 0, "warn": 1, "ok": 2, "none": 3}[t["status"]])
         # Worst first: a cross-user delivery before everything else, then by count.
         ranked = sorted(counts, key=lambda rc: (rc[0] != "isolation", -int(rc[1])))
         by_rule = [{"rule": r, "count": n, "meaning": RULE_MEANINGS.get(r, "")} for r, n in ranked]
+        hour_by_agent = {a["agent"]: a for a in agents["1h"]}
+        agent_rows = [
+            {
+                "agent": a["agent"],
+                "hour": hour_by_agent.get(a["agent"]),
+                "day": a,
+                "bad": (a["error_ratio"] or 0) + (a["restart_ratio"] or 0) >= AGENT_BAD_RATIO,
+            }
+            for a in agents["1d"]
+        ]
         return templates.TemplateResponse(
-            request, "overview.html", {"tiles": tiles, "by_rule": by_rule, "runs": failing}
+            request,
+            "overview.html",
+            {
+                "tiles": tiles,
+                "by_rule": by_rule,
+                "runs": failing,
+                "agents": agent_rows,
+                "share": _share,
+            },
         )
 
     @router.get("/runs")
@@ -229,23 +318,60 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
         rule: str | None = None,
         state: str | None = None,
         since: str | None = None,
+        until: str | None = None,
+        thread: str | None = None,
         cursor: str | None = None,
     ) -> Response:
         if (denied := gate(request)) is not None:
             return denied
         now = now_us()
+        # The same rules as the API: a bad value is refused with 422 and explained, never
+        # silently dropped (a dropped filter would show everything and look like an answer).
+        errors: list[str] = []
+
+        def pick(name: str, value: str | None, allowed: set[str]) -> str | None:
+            if not value:
+                return None
+            if value not in allowed:
+                errors.append(
+                    f"{name}: expected one of {', '.join(sorted(allowed))}; got {value!r}"
+                )
+                return None
+            return value
+
+        def when(name: str, value: str | None) -> int | None:
+            if not value:
+                return None
+            try:
+                return parse_since(value, now, name)
+            except FilterError as exc:
+                errors.append(str(exc))
+                return None
+
+        for name, value, limit in (
+            ("agent", agent, 200),
+            ("user", user, 200),
+            ("thread", thread, 64),
+        ):
+            if value and len(value) > limit:
+                errors.append(f"{name}: at most {limit} characters")
         f = RunFilter(
-            verdict=verdict if verdict in ("pass", "fail") else None,
+            verdict=pick("verdict", verdict, {"pass", "fail"}),
             agent=(agent or None) and agent[:200],
             user=(user or None) and user[:200],
-            rule=rule if rule in {r.value for r in Rule} else None,
-            state=state if state in ("ended", "stuck") else None,
-            since_us=now - SINCE[since] * 1_000_000 if since in SINCE else None,
+            rule=pick("rule", rule, {r.value for r in Rule}),
+            state=pick("state", state, {"ended", "stuck"}),
+            since_us=when("since", since),
+            until_us=when("until", until),
+            thread=(thread or None) and thread[:64],
         )
-        if cursor is not None and not _valid_cursor(cursor):
-            cursor = None
-        async with store.engine.connect() as conn:
-            items, nxt = await list_runs(conn, f, limit=50, cursor=cursor)
+        if cursor and not _valid_cursor(cursor):
+            errors.append("cursor: not a cursor this page gave out")
+        items: list[dict[str, Any]] = []
+        nxt = None
+        if not errors:
+            async with store.engine.connect() as conn:
+                items, nxt = await list_runs(conn, f, limit=50, cursor=cursor)
         params = {
             k: v
             for k, v in {
@@ -254,7 +380,9 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
                 "user": f.user,
                 "rule": f.rule,
                 "state": f.state,
-                "since": since if since in SINCE else None,
+                "since": since if f.since_us is not None else None,
+                "until": until if f.until_us is not None else None,
+                "thread": f.thread,
             }.items()
             if v
         }
@@ -266,10 +394,14 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
                 "runs": items,
                 "f": f,
                 "since": since or "",
+                "until": until or "",
+                "since_help": SINCE_HELP,
+                "errors": errors,
                 "rules": [r.value for r in Rule],
                 "next_cursor": nxt,
                 "next_href": next_href,
             },
+            status_code=422 if errors else 200,
         )
 
     @router.get("/runs/{run_id}")
@@ -279,7 +411,7 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
         async with store.engine.connect() as conn:
             d = await run_detail(conn, run_id[:64])
         if d is None:
-            return HTMLResponse("<h1>No such run</h1>", status_code=404)
+            return not_found(request, f"No run {run_id[:64]!r} in the audit store.")
         for e in d["events"]:
             e["data_json"] = json.dumps(e["data"], ensure_ascii=False)[:4000]
             e["commit_ms"] = _ms(e["committed_us"], e["emitted_us"])
@@ -290,7 +422,9 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
                 and e["first_acked_us"] - e["emitted_us"] > settings.delivery_slo_s * 1e6
             )
         svg = timeline_svg(d["events"], settings.delivery_slo_s)
-        return templates.TemplateResponse(request, "run.html", {"d": d, "svg": svg})
+        return templates.TemplateResponse(
+            request, "run.html", {"d": d, "svg": svg, "deferred": DEFERRED_MEANING}
+        )
 
     @router.get("/violations")
     async def violations(
@@ -309,6 +443,12 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
             "violations.html",
             {"items": items, "rule": rule, "rules": [r.value for r in Rule], "next_cursor": nxt},
         )
+
+    @router.get("/{path:path}")
+    async def unknown(request: Request, path: str) -> Response:
+        if (denied := gate(request)) is not None:
+            return denied
+        return not_found(request, f"There is no monitor page at /monitor/{path[:200]}.")
 
     return router
 
