@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 
@@ -34,6 +34,8 @@ from .rules import Rule
 __all__ = ["build_web", "human_ms", "timeline_svg"]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
 
 RULE_MEANINGS = {
     "started": "a run did not begin with agent_started (I1)",
@@ -443,6 +445,13 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
             "violations.html",
             {"items": items, "rule": rule, "rules": [r.value for r in Rule], "next_cursor": nxt},
         )
+
+    @router.get("/static/{name}")
+    async def static(request: Request, name: str) -> Response:
+        # Served here, before the catch-all below, by exact name (no path ever reaches the disk).
+        if name not in STATIC_FILES:
+            return not_found(request, f"No static file {name[:100]!r}.")
+        return FileResponse(STATIC / name)
 
     @router.get("/{path:path}")
     async def unknown(request: Request, path: str) -> Response:

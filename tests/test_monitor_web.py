@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +26,15 @@ from .test_checker import lifecycle, now_us, receipts, write_corpus, write_run
 
 pytestmark = pytest.mark.browser
 ADMIN = "admin-token-for-the-ui-test-0123"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def artifacts() -> Path:
+    """Where screenshots go: ``RUNWATCH_TEST_ARTIFACTS`` or ``test-artifacts/`` (git-ignored)."""
+    root = Path(os.environ.get("RUNWATCH_TEST_ARTIFACTS") or REPO / "test-artifacts")
+    path = root / "monitor"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture
@@ -67,9 +77,12 @@ async def page(monitor: tuple[ServerProcess, dict[str, str]]) -> AsyncIterator[A
             executable_path=executable,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
-        context = await browser.new_context()
+        context = await browser.new_context(viewport={"width": 1280, "height": 900})
         pg = await context.new_page()
         pg.set_default_timeout(15_000 * scale())
+        failed: list[str] = []
+        pg.on("response", lambda r: failed.append(r.url) if r.status == 404 else None)
+        pg.failed_loads = failed
         yield pg
         await context.close()
         await browser.close()
@@ -95,9 +108,13 @@ async def test_monitor_ui(
     assert await tiles.count() >= 8
     assert "bad" in (await tiles.first.get_attribute("class") or "")
     assert await page.locator('[data-tile="stuck"] .value').inner_text() == "1"
-    first_rule = await page.locator("table.grid tbody tr td a").first.inner_text()
+    first_rule = await page.locator("table.by-rule tbody tr td a").first.inner_text()
     assert first_rule == "isolation", "a cross-user delivery is listed first"
-    await page.screenshot(path=str(tmp_path / "overview.png"), full_page=True)
+    assert await page.locator('[data-tile="agents-1h"]').count() == 1
+    assert await page.locator('[data-tile="open"] .detail').inner_text() == (
+        "in progress now (no terminal event yet)"
+    )
+    await page.screenshot(path=str(artifacts() / "overview.png"), full_page=True)
 
     # A faulty run's page shows its violation and the SVG timeline.
     await page.goto(f"{server.http_url}/monitor/runs/{runs['leak']}")
@@ -105,7 +122,18 @@ async def test_monitor_ui(
     assert "mallory" in await page.locator(".violations").inner_text()
     assert await page.locator("svg.timeline circle").count() == 6
     assert await page.locator("tr.leak").count() == 1
-    await page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
+    # Links to the run's thread and user; the axis in human units, never raw milliseconds.
+    thread_link = page.locator("a.thread-link")
+    assert (await thread_link.get_attribute("href") or "").startswith("/monitor/runs?thread=")
+    assert await page.locator("a.user-link").count() == 1
+    ticks = await page.locator("svg.timeline > text[text-anchor]").evaluate_all(
+        "els => els.map(e => e.textContent)"
+    )
+    assert ticks[0] == "0" and all(t.endswith((" ms", " s", " min")) for t in ticks[1:]), ticks
+    await page.screenshot(path=str(artifacts() / "run.png"), full_page=True)
+    await thread_link.click()
+    await page.wait_for_url("**/monitor/runs?thread=**")
+    assert await page.locator("table.runs tbody tr").count() == 1
 
     # Filters: verdict and rule.
     await page.goto(server.http_url + "/monitor/runs")
@@ -124,6 +152,40 @@ async def test_monitor_ui(
         "rows => rows.map(r => r.dataset.runId)"
     )
     assert set(shown) == {runs["late_ack"], runs["never_acked"]}
+    # The runs list shows each run's message and duration.
+    assert "what is 6*7" in await page.locator("table.runs td.prompt").first.inner_text()
+    await page.screenshot(path=str(artifacts() / "runs.png"), full_page=True)
+
+    # A bad filter is refused and explained, not silently ignored (which would show all runs).
+    await page.fill("input[name=since]", "abc")
+    await page.click("form.filters button")
+    await page.wait_for_url("**since=abc**")
+    assert "since" in await page.locator(".filter-errors").inner_text()
+    assert await page.locator("table.runs").count() == 0
+    await page.screenshot(path=str(artifacts() / "bad-filter.png"), full_page=True)
+    await page.fill("input[name=since]", "24h")
+    await page.click("form.filters button")
+    await page.wait_for_url("**since=24h**")
+    assert await page.locator("table.runs tbody tr").count() == 2
+
+    # An unknown run, or page, is a 404 page with the navigation, not a bare one.
+    answer = await page.goto(f"{server.http_url}/monitor/runs/no-such-run")
+    assert answer is not None and answer.status == 404
+    assert await page.locator("nav.top a").count() >= 4
+    assert "no-such-run" in await page.locator("main").inner_text()
+    await page.screenshot(path=str(artifacts() / "not-found.png"), full_page=True)
+    answer = await page.goto(f"{server.http_url}/monitor/nowhere")
+    assert answer is not None and answer.status == 404
+    failed = [u for u in page.failed_loads if "/no-such-run" not in u and "/nowhere" not in u]
+    assert failed == [], "nothing else 404s (the favicon included)"
+
+    # The API reference works offline: one page, nothing fetched from anywhere.
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    await page.goto(f"{server.http_url}/api/docs")
+    assert await page.locator("section.op").count() >= 4
+    assert all(u.startswith(server.http_url) for u in requested), requested
+    await page.screenshot(path=str(artifacts() / "api-docs.png"), full_page=True)
 
     # Violations list, filtered by rule.
     await page.goto(server.http_url + "/monitor/violations?rule=stuck")
