@@ -138,8 +138,15 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
 
 
 def _token(args: argparse.Namespace) -> int:
-    from .auth import AuthError, TokenAuthority
+    from .auth import AuthError, TokenAuthority, valid_user_id
 
+    if not valid_user_id(args.user):
+        print(
+            f"runwatch: invalid user name {args.user!r}: use 1 to 128 letters, digits "
+            "or _ . @ : + - (no spaces)",
+            file=sys.stderr,
+        )
+        return 2
     settings = _settings(args)
     if not settings.jwt_secret:
         print("runwatch: RUNWATCH_JWT_SECRET must be set to mint tokens", file=sys.stderr)
@@ -186,42 +193,124 @@ def _check(args: argparse.Namespace) -> int:
     return run_check(_settings(args), since_s=args.since, run_id=args.run, as_json=args.json)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option that has a default says it, as the user would type it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" not in text
+            and not action.required
+            and default not in (None, [], True, False, argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+_ENV_NOTE = (
+    "Settings come from RUNWATCH_* environment variables (README.md, Configuration); "
+    "with no RUNWATCH_JWT_SECRET the server runs in dev mode (loopback only)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="runwatch", description="Run agents live and prove every user saw every step."
+        prog="runwatch",
+        description="Run agents live and prove every user saw every step.",
+        epilog=_ENV_NOTE,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"runwatch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=_ENV_NOTE,
+            formatter_class=_HelpFormatter,
+        )
 
     def server_args(p: argparse.ArgumentParser, port: int) -> None:
-        p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=port)
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+        p.add_argument("--port", type=int, default=port, help="TCP port to listen on")
         p.add_argument(
             "--no-migrate",
             dest="migrate",
             action="store_false",
-            help="do not apply schema migrations at start",
+            help="do not apply schema migrations at start (default: migrate)",
         )
 
-    p = sub.add_parser("serve", help="runtime + monitor in one process (the embedded default)")
+    def agent_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--agent",
+            action="append",
+            default=[],
+            metavar="[NAME=]MODULE:FUNC",
+            help="register an extra agent (repeatable); NAME defaults to FUNC",
+        )
+
+    p = command(
+        "serve",
+        "runtime + monitor in one process (the embedded default)",
+        "The chat page at /, the WebSocket at /ws, the monitor at /monitor, its API under /api, "
+        "API reference at /api/docs and Prometheus metrics at /metrics, in one process.",
+    )
     server_args(p, 8000)
-    p.add_argument("--agent", action="append", default=[], help="extra agent: [name=]module:func")
-    p = sub.add_parser("runtime", help="the runtime alone (production)")
+    agent_arg(p)
+    p = command(
+        "runtime",
+        "the runtime alone (production)",
+        "The chat page, /ws, /api/me and /metrics, without the monitor; run `runwatch monitor` "
+        "beside it on the same database.",
+    )
     server_args(p, 8000)
-    p.add_argument("--agent", action="append", default=[], help="extra agent: [name=]module:func")
-    p = sub.add_parser("monitor", help="the monitor alone (production)")
+    agent_arg(p)
+    p = command(
+        "monitor",
+        "the monitor alone (production)",
+        "The monitor UI at /monitor, its API under /api and /metrics, checking every run in "
+        "the audit store. Needs RUNWATCH_ADMIN_TOKEN outside dev mode.",
+    )
     server_args(p, 8001)
-    p = sub.add_parser("token", help="mint a JWT for a user")
-    p.add_argument("--user", required=True)
-    p.add_argument("--ttl", type=parse_duration, default=3600.0, help="lifetime, e.g. 1h")
-    p = sub.add_parser("migrate", help="apply the audit store's schema migrations")
-    p.add_argument("--revision", default="head")
-    p = sub.add_parser("purge", help="delete ended runs older than a duration")
-    p.add_argument("--older-than", type=parse_duration, required=True, help="e.g. 30d")
-    p = sub.add_parser("check", help="judge stored runs; exit 1 on any violation")
-    p.add_argument("--since", type=parse_duration, default=3600.0, help="e.g. 1h (default)")
-    p.add_argument("--run", default=None, help="one run id")
-    p.add_argument("--json", action="store_true")
+    p = command(
+        "token",
+        "mint a JWT for a user",
+        "Print an HS256 JWT for USER, signed with RUNWATCH_JWT_SECRET, for /ws and /api/me.",
+    )
+    p.add_argument(
+        "--user", required=True, help="the user id: 1-128 of letters, digits, _ . @ : + -"
+    )
+    p.add_argument(
+        "--ttl", type=parse_duration, default="1h", help="lifetime, such as 90s, 30m, 1h or 7d"
+    )
+    p = command(
+        "migrate",
+        "apply the audit store's schema migrations",
+        "Bring the database in RUNWATCH_DATABASE_URL to the given Alembic revision.",
+    )
+    p.add_argument("--revision", default="head", help="target Alembic revision")
+    p = command(
+        "purge",
+        "delete ended runs older than a duration",
+        "Retention: delete ended runs (with their events and deliveries) older than the duration.",
+    )
+    p.add_argument(
+        "--older-than", type=parse_duration, required=True, help="a duration such as 30d or 12h"
+    )
+    p = command(
+        "check",
+        "judge stored runs; exit 1 on any violation",
+        "Run every monitor rule over the stored runs and print the verdicts; exit status 1 "
+        "when any run breaks a rule.",
+    )
+    p.add_argument(
+        "--since", type=parse_duration, default="1h", help="runs created this long ago or later"
+    )
+    p.add_argument("--run", default=None, help="judge one run id only")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 from runtime.auth import TokenAuthority
-from runtime.cli import parse_duration
+from runtime.cli import build_parser, parse_duration
 from runtime.store.migrate import current_revision, head_revision
 from runtime.store.recorder import AuditStore
 
@@ -52,9 +53,11 @@ def test_token_mints_a_verifiable_jwt(tmp_path: Path) -> None:
     missing = runwatch("token", "--user", "alice", env={}, cwd=tmp_path)
     assert missing.returncode == 2 and "RUNWATCH_JWT_SECRET" in missing.stderr
     bad_user = runwatch(
-        "token", "--user", "no spaces", env={"RUNWATCH_JWT_SECRET": JWT_SECRET}, cwd=tmp_path
+        "token", "--user", "bad user!", env={"RUNWATCH_JWT_SECRET": JWT_SECRET}, cwd=tmp_path
     )
     assert bad_user.returncode == 2
+    assert "invalid user name 'bad user!'" in bad_user.stderr
+    assert "unauthorized" not in bad_user.stderr
 
 
 def test_migrate_then_purge(tmp_path: Path) -> None:
@@ -80,3 +83,22 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
     out = runwatch("token", "--user", "a", env={"RUNWATCH_RUN_TIMEOUT_S": "soon"}, cwd=tmp_path)
     assert out.returncode == 2
     assert "RUNWATCH_RUN_TIMEOUT_S='soon'" in out.stderr
+
+
+def test_every_help_page_describes_every_option_with_its_default() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"serve", "runtime", "monitor", "token", "migrate", "purge", "check"}
+    for name, command in sub.choices.items():
+        assert command.description, name
+        text = command.format_help()
+        for action in command._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, (name, action.dest)
+            if not action.required and action.default not in (None, [], True, False):
+                assert f"(default: {action.default}" in " ".join(text.split()), (name, action.dest)
+    serve = " ".join(sub.choices["serve"].format_help().split())
+    assert "(default: 127.0.0.1)" in serve and "(default: 8000)" in serve
+    token = " ".join(sub.choices["token"].format_help().split())
+    assert "(default: 1h)" in token
