@@ -1,16 +1,32 @@
-"""Monitor metrics (SPEC section 6), built on an injected ``CollectorRegistry``."""
+"""Monitor metrics (SPEC section 6), built on an injected ``CollectorRegistry``.
+
+Every monitor series is named ``runwatch_monitor_*``, so where the monitor runs inside
+``runwatch serve`` its series stay apart from the runtime's on the one ``/metrics``;
+``runwatch_monitor_build_info`` says a monitor is scraped, whatever the scrape job is called.
+Each ``rule`` and ``verdict`` series exists at 0 from the start, so that ``increase()`` sees
+the first violation (see ``runtime/metrics.py``).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
-__all__ = ["MonitorMetrics"]
+from runtime import __version__
+
+from .rules import Rule
+
+__all__ = ["RULES", "VERDICTS", "MonitorMetrics"]
+
+#: ``rule`` of ``runwatch_monitor_violations_total``: every rule of the engine.
+RULES: tuple[str, ...] = tuple(r.value for r in Rule)
+#: ``verdict`` of ``runwatch_monitor_runs_checked_total``.
+VERDICTS: tuple[str, ...] = ("pass", "fail")
 
 
 class MonitorMetrics:
-    """Every monitor metric object, registered on ``registry``."""
+    """Every monitor metric object, registered on ``registry``, each closed-set series at 0."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, version: str = __version__) -> None:
         r = registry
         self.registry = registry
         self.runs_checked = Counter(
@@ -38,8 +54,12 @@ class MonitorMetrics:
         )
         self.last_check = Gauge(
             "runwatch_monitor_last_check_timestamp_seconds",
-            "Unix time of the checker's last completed pass.",
+            "Unix time of the checker's last completed pass (0 until the first one).",
             registry=r,
         )
-        for verdict in ("pass", "fail"):
+        self.build_info = Info("runwatch_monitor_build", "runwatch monitor version.", registry=r)
+        self.build_info.info({"version": version})
+        for verdict in VERDICTS:
             self.runs_checked.labels(verdict=verdict)
+        for rule in RULES:
+            self.violations.labels(rule=rule)

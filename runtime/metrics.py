@@ -1,19 +1,42 @@
 """Runtime metrics (SPEC section 6), built on an injected ``CollectorRegistry``.
 
 Names, labels and units are part of the contract: dashboards and alert rules query them.
-Label values are closed sets (documented in ``docs/metrics.md``); no user, run, thread or
-connection id is ever a label.
+No user, run, thread or connection id is ever a label.
+
+Every label whose values form a closed set exports each of its series at 0 from the moment
+the metrics are built (per-agent and per-tool series from registration, see
+:meth:`RuntimeMetrics.agent_registered`), because ``rate()`` and ``increase()`` only see an
+increment between two samples: a series born at 1 hides its first occurrence, and that is
+the one an alert must not miss. The sets are the constants below (documented in
+``docs/metrics.md``); ``tests/test_metrics_zero.py`` scrapes a fresh process for them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from .events import EventType
+from .lifecycle import RunOutcome
+from .protocol import CloseCode, ProtocolErrorCode
+
 __all__ = [
+    "CONNECTION_RESULTS",
     "DELIVERY_BUCKETS",
+    "DELIVERY_FAILURE_REASONS",
     "DELIVERY_SLO_S",
+    "DISCONNECT_CODES",
+    "EVENT_TYPES",
+    "OTHER",
     "PERSIST_BUCKETS",
     "PERSIST_SLO_S",
+    "PROTOCOL_ERROR_CODES",
+    "RESUME_RESULTS",
+    "RUN_OUTCOMES",
+    "TOOL_STATUSES",
+    "ClosedLabel",
     "RuntimeMetrics",
 ]
 
@@ -28,11 +51,81 @@ RUN_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TOOL_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
+# The closed label sets (SPEC section 6). A value used in code and missing here would be born
+# at 1 and hide its first occurrence; tests/test_metrics_zero.py checks the code against them.
+
+#: ``type``: the event types.
+EVENT_TYPES: tuple[str, ...] = tuple(t.value for t in EventType)
+#: ``outcome`` of ``runwatch_runs_finished_total``.
+RUN_OUTCOMES: tuple[str, ...] = RunOutcome.ALL
+#: ``status`` of ``runwatch_tool_calls_total``.
+TOOL_STATUSES: tuple[str, ...] = ("ok", "error")
+#: ``result`` of ``runwatch_connections_total`` (set in ``runtime/session.py``).
+CONNECTION_RESULTS: tuple[str, ...] = (
+    "accepted",
+    "unauthorized",
+    "no_connect",
+    "timeout",
+    "too_many",
+    "shutting_down",
+    "abandoned",
+)
+#: ``result`` of ``runwatch_resumes_total`` (set in ``runtime/runs.py``).
+RESUME_RESULTS: tuple[str, ...] = ("ok", "not_found")
+#: ``reason`` of ``runwatch_event_delivery_failures_total`` (``runtime.hub.FailureReason``).
+DELIVERY_FAILURE_REASONS: tuple[str, ...] = (
+    "disconnected",
+    "slow_consumer",
+    "server_restart",
+    "token_expired",
+    "protocol_violation",
+    "error",
+)
+#: ``code`` of ``runwatch_protocol_errors_total``.
+PROTOCOL_ERROR_CODES: tuple[str, ...] = tuple(c.value for c in ProtocolErrorCode)
+#: Counted in place of a label value outside its closed set.
+OTHER = "other"
+#: ``code`` of ``runwatch_disconnects_total``: the codes runwatch closes with, the two a
+#: server sees when the peer sends none (1005) or vanishes (1006), and ``other`` for any
+#: other code a client chooses to close with (a client must not mint series).
+DISCONNECT_CODES: tuple[str, ...] = (
+    *sorted({str(int(c)) for c in CloseCode} | {"1005", "1006"}),
+    OTHER,
+)
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class ClosedLabel(Generic[M]):
+    """A labelled metric whose ``label`` is held to a closed set: any other value is counted
+    as ``other``. Used where a peer, not runwatch, picks the value."""
+
+    def __init__(self, metric: M, label: str, values: Collection[str]) -> None:
+        self.metric: M = metric
+        self.label = label
+        self.values = frozenset(values)
+
+    def labels(self, **labels: str) -> M:
+        if labels[self.label] not in self.values:
+            labels[self.label] = OTHER
+        return self.metric.labels(**labels)
+
 
 class RuntimeMetrics:
-    """Every runtime metric object, registered on ``registry``."""
+    """Every runtime metric object, registered on ``registry``, each closed-set series at 0.
 
-    def __init__(self, registry: CollectorRegistry, version: str = "0.0.0") -> None:
+    ``agents`` and ``tools`` are the names registered at start; their series start at 0 here,
+    and :meth:`agent_registered` / :meth:`tool_registered` do the same for later ones.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        version: str = "0.0.0",
+        *,
+        agents: Iterable[str] = (),
+        tools: Iterable[str] = (),
+    ) -> None:
         r = registry
         self.registry = registry
         self.events_emitted = Counter(
@@ -128,8 +221,15 @@ class RuntimeMetrics:
             ["result"],
             registry=r,
         )
-        self.disconnects = Counter(
-            "runwatch_disconnects_total", "Closed connections, by close code.", ["code"], registry=r
+        self.disconnects = ClosedLabel(
+            Counter(
+                "runwatch_disconnects_total",
+                "Closed connections, by close code.",
+                ["code"],
+                registry=r,
+            ),
+            "code",
+            DISCONNECT_CODES,
         )
         self.resumes = Counter(
             "runwatch_resumes_total", "Resume requests, by result.", ["result"], registry=r
@@ -151,3 +251,47 @@ class RuntimeMetrics:
         self.build_info = Info("runwatch_build", "runwatch version.", registry=r)
         self.build_info.info({"version": version})
         self.store_up.set(1)
+        self._zero_closed_sets()
+        self.registered(agents=agents, tools=tools)
+
+    def _zero_closed_sets(self) -> None:
+        """Create every series of every closed label set, at 0 (see the module docstring)."""
+        for t in EVENT_TYPES:
+            for per_type in (
+                self.events_emitted,
+                self.events_sent,
+                self.events_acked,
+                self.events_deferred,
+            ):
+                per_type.labels(type=t)
+            self.delivery_seconds.labels(type=t)
+        for reason in DELIVERY_FAILURE_REASONS:
+            self.delivery_failures.labels(reason=reason)
+        for result in CONNECTION_RESULTS:
+            self.connections.labels(result=result)
+        for code in DISCONNECT_CODES:
+            self.disconnects.labels(code=code)
+        for result in RESUME_RESULTS:
+            self.resumes.labels(result=result)
+        for code in PROTOCOL_ERROR_CODES:
+            self.protocol_errors.labels(code=code)
+
+    def agent_registered(self, name: str) -> None:
+        """Start the agent's run series at 0, so its first run (and first error) is seen."""
+        self.runs_started.labels(agent=name)
+        for outcome in RUN_OUTCOMES:
+            self.runs_finished.labels(agent=name, outcome=outcome)
+        self.run_duration.labels(agent=name)
+
+    def tool_registered(self, name: str) -> None:
+        """Start the tool's call series at 0, so its first call (and first failure) is seen."""
+        for status in TOOL_STATUSES:
+            self.tool_calls.labels(tool=name, status=status)
+        self.tool_duration.labels(tool=name)
+
+    def registered(self, *, agents: Iterable[str] = (), tools: Iterable[str] = ()) -> None:
+        """:meth:`agent_registered` and :meth:`tool_registered` for each name."""
+        for name in agents:
+            self.agent_registered(name)
+        for name in tools:
+            self.tool_registered(name)

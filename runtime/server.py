@@ -41,6 +41,7 @@ from .store.recorder import AuditStore
 from .store.writer import AuditWriter, DeliveryLog
 from .threads import build_threads_router
 from .tools import ToolRegistry, builtin_tools
+from .tracing import TraceMetrics, build_tracer
 
 __all__ = ["Runtime", "create_app", "is_loopback"]
 
@@ -108,6 +109,8 @@ class Runtime:
         self.tokens = TokenAuthority(settings.jwt_secret, leeway_s=settings.jwt_leeway_s)
         self.store = store if store is not None else AuditStore.open(settings.database_url)
         self.deliveries = deliveries = DeliveryLog()
+        # Traces (SPEC section 11): None unless OTEL_EXPORTER_OTLP_* is set.
+        self.tracer = tracer = build_tracer(settings, TraceMetrics(self.registry))
         self.broker = (
             RedisBroker(settings.redis_url, settings.instance_id, channel=settings.redis_channel)
             if settings.redis_url
@@ -115,15 +118,18 @@ class Runtime:
         )
         self.hub = Hub(
             metrics,
-            deliveries,
+            deliveries if tracer is None else tracer.recorder(deliveries),
             settle_unknown=self._settle_unknown,
             remote=self.broker,
             max_connections_per_user=settings.max_connections_per_user,
             max_queue_bytes=settings.send_queue_bytes,
+            observer=tracer,
         )
         sinks: list[RunSink] = [self.hub]
         if self.broker is not None:
             sinks.append(self.broker)
+        if tracer is not None:
+            sinks.append(tracer)
         fanout = Fanout(sinks)
         self.writer = AuditWriter(
             self.store,
@@ -148,7 +154,9 @@ class Runtime:
                 tool_timeout_s=settings.tool_timeout_s,
                 instance_id=settings.instance_id,
             ),
+            telemetry=tracer,
         )
+        metrics.registered(agents=self.engine.agents.names(), tools=self.engine.tools.names())
         self.runs = RunService(
             self.store,
             self.writer,
@@ -179,6 +187,8 @@ class Runtime:
         self._stopped = False
         self.on_start: list[Callable[[], Awaitable[None]]] = []
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
+        if tracer is not None:
+            self.on_stop.append(tracer.close)
 
     async def _settle_unknown(self, run_id: str, seq: int) -> None:
         run = await self.store.get_run(run_id)
