@@ -139,6 +139,8 @@ class Connection:
         self.max_queue_bytes = max_queue_bytes
         self.queued_bytes = 0
         self.subscribed: set[str] = set()
+        #: False for a connection that carries only the runs it is given (see Hub.open).
+        self.follow_new_runs = True
         self.resuming: dict[str, list[Event]] = {}
         self.sent: dict[str, int] = {}
         #: Highest seq per run that was queued here but never written (the queue was dropped).
@@ -330,8 +332,17 @@ class Hub:
     def all_connections(self) -> list[Connection]:
         return [c for conns in self._by_user.values() for c in conns]
 
-    def open(self, connection_id: str, user_id: str, transport: Transport) -> Connection | None:
-        """Register a new connection; None when the user is at the connection limit."""
+    def open(
+        self,
+        connection_id: str,
+        user_id: str,
+        transport: Transport,
+        *,
+        follow_new_runs: bool = True,
+    ) -> Connection | None:
+        """Register a new connection; None when the user is at the connection limit.
+        ``follow_new_runs=False``: the connection gets only the runs it is given (an AG-UI
+        stream carries its own run), not every new run of the user (a ``/ws`` tab)."""
         conns = self._by_user.setdefault(user_id, set())
         if len(conns) >= self.max_connections_per_user:
             if not conns:
@@ -340,6 +351,7 @@ class Hub:
         conn = Connection(
             connection_id, user_id, transport, self, max_queue_bytes=self.max_queue_bytes
         )
+        conn.follow_new_runs = follow_new_runs
         conns.add(conn)
         self.metrics.connections_open.inc()
         conn.start()
@@ -388,7 +400,8 @@ class Hub:
         """Every open connection of the owner gets the new run live (every tab). ``track``:
         the run executes here, so its first acks are counted here."""
         for conn in self.connections(user_id):
-            conn.subscribed.add(run_id)
+            if conn.follow_new_runs:
+                conn.subscribed.add(run_id)
         if track:
             self._tracks[run_id] = _RunTrack(owner=user_id)
 

@@ -84,8 +84,13 @@ class RunService:
 
     # ---- chat ---------------------------------------------------------------------------
 
-    async def chat(self, user_id: str, chat: Chat) -> Accepted | FrameError:
-        """Start a run for ``chat`` (or find the one its ``client_msg_id`` already started)."""
+    async def chat(
+        self, user_id: str, chat: Chat, *, adopt_thread: bool = False
+    ) -> Accepted | FrameError:
+        """Start a run for ``chat`` (or find the one its ``client_msg_id`` already started).
+
+        ``adopt_thread``: a ``thread_id`` nobody owns yet becomes a new thread of this user
+        (AG-UI clients name their threads); one owned by someone else is still ``not_found``."""
         ref = chat.client_msg_id
         existing = await self.store.find_run_by_msg(user_id, chat.client_msg_id)
         if existing is not None:
@@ -96,8 +101,12 @@ class RunService:
             return FrameError(ProtocolErrorCode.UNKNOWN_AGENT, f"no agent named {agent!r}", ref)
         new_thread = chat.thread_id is None
         thread_id = chat.thread_id or new_id()
-        if not new_thread and await self.store.thread_owner(thread_id) != user_id:
-            return _not_found(ref, "thread")
+        if not new_thread:
+            owner = await self.store.thread_owner(thread_id)
+            if owner is None and adopt_thread:
+                new_thread = True
+            elif owner != user_id:
+                return _not_found(ref, "thread")
         if not self.engine.accepting:
             return FrameError(ProtocolErrorCode.RATE_LIMITED, "the server is restarting", ref)
         if not self.chat_rate.allowed(user_id):

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from . import __version__
 from .agents import AgentRegistry
+from .agui import AguiConfig, build_agui_router
 from .apidocs import build_docs_router
 from .auth import AuthError, TokenAuthority, valid_user_id
 from .broker import RedisBroker
@@ -265,6 +266,17 @@ def create_app(rt: Runtime) -> FastAPI:
     app.state.runtime = rt
     app.include_router(build_docs_router())
     app.include_router(build_threads_router(rt))
+    app.include_router(
+        build_agui_router(
+            config=AguiConfig(instance_id=rt.settings.instance_id),
+            tokens=rt.tokens,
+            store=rt.store,
+            engine=rt.engine,
+            runs=rt.runs,
+            hub=rt.hub,
+            deliveries=rt.deliveries,
+        )
+    )
 
     @app.websocket("/ws")
     async def ws_endpoint(websocket: WebSocket) -> None:
