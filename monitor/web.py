@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from runtime.config import Settings
 from runtime.events import now_us
 from runtime.store.recorder import AuditStore
+from runtime.tracing import run_id_of, trace_id_of, trace_url
 
 from .api import COOKIE, MonitorAuth
 from .models import ViolationRow
@@ -424,9 +425,24 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
                 and e["first_acked_us"] - e["emitted_us"] > settings.delivery_slo_s * 1e6
             )
         svg = timeline_svg(d["events"], settings.delivery_slo_s)
+        # Traces (docs/tracing.md): the run's trace id is its run id's 128 bits.
+        trace = {
+            "trace_id": trace_id_of(run_id[:64]),
+            "trace_url": trace_url(settings.trace_url_template, run_id[:64]),
+        }
         return templates.TemplateResponse(
-            request, "run.html", {"d": d, "svg": svg, "deferred": DEFERRED_MEANING}
+            request, "run.html", {"d": d, "svg": svg, "deferred": DEFERRED_MEANING, **trace}
         )
+
+    @router.get("/traces/{trace_id}")
+    async def trace_to_run(request: Request, trace_id: str) -> Response:
+        """A trace viewer links here with a trace id: the run page of that trace's run."""
+        if (denied := gate(request)) is not None:
+            return denied
+        run_id = run_id_of(trace_id.strip().lower())
+        if run_id is None:
+            return not_found(request, f"{trace_id[:64]!r} is not a trace id (32 hex digits).")
+        return RedirectResponse(f"/monitor/runs/{run_id}", status_code=303)
 
     @router.get("/violations")
     async def violations(

@@ -52,6 +52,10 @@ class Settings:
     delivery_slo_s: float = 1.0
     stuck_grace_s: float = 60.0
     monitor_interval_s: float = 2.0
+    #: A trace viewer's URL with ``{trace_id}`` and/or ``{run_id}``: the monitor links runs.
+    trace_url_template: str | None = None
+    #: Put the run's owner on its trace as ``runwatch.user_id`` (off: user ids stay out).
+    trace_user_id: bool = False
 
     @property
     def dev_mode(self) -> bool:

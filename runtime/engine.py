@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .agents import AgentRegistry, ToolError
+from .agents import AgentRegistry, ModelRound, RunTelemetry, ToolError
 from .events import ErrorCode, Event, EventType, now_us
 from .hub import Hub
 from .lifecycle import LifecycleError, RunLifecycle, RunOutcome
@@ -88,6 +88,11 @@ class _Context:
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         return self._engine.tools.schemas()
+
+    def model_round(self, report: ModelRound) -> None:
+        telemetry = self._engine.telemetry
+        if telemetry is not None:
+            telemetry.model_round(self.run_id, report)
 
     async def tool(self, name: str, args: dict[str, Any] | None = None) -> Any:
         engine, run = self._engine, self._run
@@ -162,6 +167,7 @@ class Engine:
         config: EngineConfig,
         *,
         clock_us: Callable[[], int] = now_us,
+        telemetry: RunTelemetry | None = None,
     ) -> None:
         self.store = store
         self.writer = writer
@@ -172,6 +178,8 @@ class Engine:
         self.tools = tools
         self.config = config
         self.clock_us = clock_us
+        #: Where agents' model rounds go (the run tracer); None when tracing is off.
+        self.telemetry = telemetry
         self.active: dict[str, _ActiveRun] = {}
         self.accepting = True
         self._emitted = {t.value: metrics.events_emitted.labels(type=t.value) for t in EventType}

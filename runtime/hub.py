@@ -55,6 +55,12 @@ class DeliveryRecorder(Protocol):
     def settle(self, run_id: str, settled_us: int) -> None: ...
 
 
+class DeliveryObserver(Protocol):
+    """Told of delivery milestones of runs executing here (the run tracer)."""
+
+    def first_acked(self, run_id: str, seq: int, acked_us: int) -> None: ...
+
+
 class Remote(Protocol):
     """Other replicas, as the hub sees them (the Redis broker)."""
 
@@ -305,6 +311,7 @@ class Hub:
         max_connections_per_user: int = 10,
         max_queue_bytes: int = 1_048_576,
         track_ttl_s: float = 600.0,
+        observer: DeliveryObserver | None = None,
     ) -> None:
         self.metrics = metrics
         self.counters = _TypeCounters(metrics)
@@ -318,6 +325,8 @@ class Hub:
         self.max_connections_per_user = max_connections_per_user
         self.max_queue_bytes = max_queue_bytes
         self.track_ttl_s = track_ttl_s
+        #: Told of each tracked run's first ack; None (tracing off) costs one check per ack.
+        self.observer = observer
         self._by_user: dict[str, set[Connection]] = {}
         self._tracks: dict[str, _RunTrack] = {}
 
@@ -461,6 +470,8 @@ class Hub:
             self._count_acks(run_id, track, seq, acked_us)
 
     def _count_acks(self, run_id: str, track: _RunTrack, seq: int, now: int) -> None:
+        if self.observer is not None and track.acked_upto == 0 < seq:
+            self.observer.first_acked(run_id, seq, now)
         if seq > track.acked_upto:
             for s in range(track.acked_upto + 1, seq + 1):
                 if track.live.get(s) and s > track.failed_upto:

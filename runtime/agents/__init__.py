@@ -7,16 +7,29 @@ An agent never emits lifecycle events itself: it calls ``ctx.think``, ``ctx.delt
 Agents are found by name in an :class:`AgentRegistry`: the built-ins (``demo``, ``llm``), any
 ``--agent module:function`` given on the command line, and the entry point group
 ``runwatch.agents``.
+
+An agent that calls a model may report each call with ``ctx.model_round(ModelRound(...))``:
+it becomes the ``chat {model}`` span of the run's trace (docs/tracing.md); agents that do not
+report rounds work the same, their traces simply have no model spans.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, cast
 
-__all__ = ["Agent", "AgentRegistry", "RunContext", "ToolError", "load_agent"]
+__all__ = [
+    "Agent",
+    "AgentRegistry",
+    "ModelRound",
+    "RunContext",
+    "RunTelemetry",
+    "ToolError",
+    "load_agent",
+]
 
 
 class ToolError(Exception):
@@ -30,6 +43,42 @@ class ToolError(Exception):
         super().__init__(f"{tool}: {message}")
         self.tool = tool
         self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRound:
+    """One call of an agent to a model, reported for the run's trace (a ``chat {model}`` span).
+
+    Times are wall-clock epoch microseconds (``runtime.events.now_us``); ``first_chunk_s`` is
+    the time from the request to the first streamed chunk. ``messages`` (the request's chat
+    messages), ``output_text`` and ``output_tool_calls`` (``{id, name, arguments}``) are
+    exported only when message content capture is on.
+    """
+
+    model: str
+    started_us: int
+    ended_us: int
+    provider: str = "openai"
+    operation: str = "chat"
+    first_chunk_s: float | None = None
+    response_model: str | None = None
+    response_id: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reasons: tuple[str, ...] = ()
+    error_type: str | None = None
+    error_message: str = ""
+    server_address: str | None = None
+    server_port: int | None = None
+    messages: Sequence[Mapping[str, Any]] = ()
+    output_text: str = ""
+    output_tool_calls: Sequence[Mapping[str, Any]] = ()
+
+
+class RunTelemetry(Protocol):
+    """Where the engine forwards what agents report beyond events (the run tracer)."""
+
+    def model_round(self, run_id: str, report: ModelRound) -> None: ...
 
 
 class RunContext(Protocol):
@@ -48,6 +97,10 @@ class RunContext(Protocol):
     async def tool(self, name: str, args: dict[str, Any] | None = None) -> Any: ...
 
     def tool_schemas(self) -> list[dict[str, Any]]: ...
+
+    def model_round(self, report: ModelRound) -> None:
+        """Report a finished model call for the run's trace (a no-op when tracing is off)."""
+        ...
 
 
 Agent = Callable[[RunContext], Awaitable[str]]

@@ -11,7 +11,9 @@ or ``reasoning`` deltas, as vLLM, llama.cpp server, Ollama and others send it) g
 ``ctx.think`` steps, a sentence or a paragraph at a time (see :class:`_Reasoning`), and what
 arrived before a broken stream is still emitted before the run fails. Tool calls go through
 ``ctx.tool`` (so the runtime emits their events), with results or errors fed back to the model.
-The returned text is the final report.
+The returned text is the final report. Each request is reported with ``ctx.model_round`` (the
+``chat {model}`` span of the run's trace: model, token usage when the endpoint streams it,
+time to the first chunk, ``error.type`` on failure).
 
 Exceptions::
 
@@ -21,6 +23,7 @@ Exceptions::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -30,7 +33,8 @@ from typing import Any
 
 import httpx
 
-from . import RunContext, ToolError
+from ..events import now_us
+from . import ModelRound, RunContext, ToolError
 
 __all__ = ["LLMConfigError", "LLMError", "config_problem", "llm_agent"]
 
@@ -133,19 +137,91 @@ class _Turn:
     reasoning: str = ""
     finish_reason: str | None = None
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    first_chunk_s: float | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    response_model: str | None = None
+    response_id: str | None = None
+
+
+def _error_type(exc: BaseException) -> str:
+    """``error.type`` of a failed model round: the HTTP status, else the transport error."""
+    if isinstance(exc, LLMError):
+        if exc.status is not None:
+            return str(exc.status)
+        if exc.__cause__ is not None:
+            return type(exc.__cause__).__name__
+    return "cancelled" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
+
+
+def _report_round(
+    ctx: RunContext,
+    cfg: _Config,
+    messages: list[dict[str, Any]],
+    turn: _Turn,
+    started_us: int,
+    error: BaseException | None = None,
+) -> None:
+    url = httpx.URL(cfg.base_url)
+    usage = turn.usage
+    tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    ctx.model_round(
+        ModelRound(
+            model=cfg.model,
+            started_us=started_us,
+            ended_us=now_us(),
+            first_chunk_s=turn.first_chunk_s,
+            response_model=turn.response_model,
+            response_id=turn.response_id,
+            input_tokens=tokens_in if isinstance(tokens_in, int) else None,
+            output_tokens=tokens_out if isinstance(tokens_out, int) else None,
+            finish_reasons=(turn.finish_reason,) if turn.finish_reason else (),
+            error_type=None if error is None else _error_type(error),
+            error_message="" if error is None else str(error)[:300],
+            server_address=url.host or None,
+            server_port=url.port or (443 if url.scheme == "https" else 80),
+            messages=messages,
+            output_text=turn.content,
+            output_tool_calls=[turn.tool_calls[i] for i in sorted(turn.tool_calls)],
+        )
+    )
 
 
 async def _stream_turn(
     client: httpx.AsyncClient, cfg: _Config, messages: list[dict[str, Any]], ctx: RunContext
 ) -> _Turn:
-    body: dict[str, Any] = {"model": cfg.model, "messages": messages, "stream": True}
+    """One request, streamed; reported as a model round whether it succeeds or fails."""
+    turn = _Turn()
+    started_us = now_us()
+    try:
+        await _read_turn(client, cfg, messages, ctx, turn)
+    except BaseException as exc:
+        _report_round(ctx, cfg, messages, turn, started_us, exc)
+        raise
+    _report_round(ctx, cfg, messages, turn, started_us)
+    return turn
+
+
+async def _read_turn(
+    client: httpx.AsyncClient,
+    cfg: _Config,
+    messages: list[dict[str, Any]],
+    ctx: RunContext,
+    turn: _Turn,
+) -> None:
+    body: dict[str, Any] = {
+        "model": cfg.model,
+        "messages": messages,
+        "stream": True,
+        # Token usage in the last chunk (OpenAI, vLLM, Ollama, llama.cpp server): for traces.
+        "stream_options": {"include_usage": True},
+    }
     tools = ctx.tool_schemas()
     if tools:
         body["tools"] = tools
         body["tool_choice"] = "auto"
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    turn = _Turn()
     reasoning = _Reasoning(ctx)
+    started = time.monotonic()
     try:
         async with client.stream(
             "POST", f"{cfg.base_url}/chat/completions", json=body, headers=headers
@@ -166,6 +242,12 @@ async def _stream_turn(
                     chunk = json.loads(data)
                 except ValueError:
                     raise LLMError("malformed stream chunk from the model endpoint") from None
+                if turn.first_chunk_s is None:
+                    turn.first_chunk_s = time.monotonic() - started
+                if isinstance(chunk.get("usage"), dict):
+                    turn.usage = chunk["usage"]
+                turn.response_model = chunk.get("model") or turn.response_model
+                turn.response_id = chunk.get("id") or turn.response_id
                 for choice in chunk.get("choices") or []:
                     delta = choice.get("delta") or choice.get("message") or {}
                     thought = delta.get("reasoning_content") or delta.get("reasoning")
@@ -199,7 +281,6 @@ async def _stream_turn(
         raise
     await reasoning.flush()
     turn.reasoning = reasoning.text
-    return turn
 
 
 async def llm_agent(ctx: RunContext) -> str:
