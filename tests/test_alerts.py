@@ -108,3 +108,41 @@ def test_burn_rate_windows_and_factors() -> None:
     for w in ("5m", "30m", "1h", "2h", "6h", "1d", "3d"):
         assert f"runwatch:delivery_sli_error_ratio:rate{w}" in recorded
         assert f"runwatch:delivery_burn_rate:rate{w}" in recorded
+
+
+def _first_value(values: str) -> float | None:
+    """The first present sample of a promtool ``values`` string (``None`` if it has none)."""
+    for token in values.split():
+        if token.startswith("_") or token == "stale":
+            continue
+        return float(re.match(r"-?[0-9.e]+", token).group())  # type: ignore[union-attr]
+    return None
+
+
+def test_every_alert_fires_on_the_first_fault_since_start() -> None:
+    """Each alert has a case that starts with a fresh process, as runwatch exports it: no
+    series before the start (``_``), every counter from 0, and the alert firing on the fault."""
+    counters = re.compile(r"^runwatch_\w+(_total|_count|_bucket)\{")
+    covered: set[str] = set()
+    for path in (ROOT / "alerts" / "tests").glob("*.yml"):
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            if not case["name"].startswith("first fault since start: "):
+                continue
+            for series in case["input_series"]:
+                values = str(series["values"])
+                assert values.startswith("_"), (case["name"], series["series"])
+                if counters.match(series["series"]):
+                    assert _first_value(values) == 0, (case["name"], series["series"])
+            alert = case["name"].split(": ", 1)[1].split(",")[0]
+            checks = [c for c in case["alert_rule_test"] if c["alertname"] == alert]
+            assert any(c["exp_alerts"] for c in checks), case["name"]
+            assert any(not c["exp_alerts"] for c in checks), f"{case['name']}: never silent"
+            covered.add(alert)
+    assert {a["alert"] for a in alerts()} - covered == set(), "no first-fault case"
+
+
+def test_absence_alerts_do_not_depend_on_job_names() -> None:
+    """One scrape job for ``runwatch serve``, two for the split deployment: no rule may name
+    a job, or one of the two deployments would be blind."""
+    for path in rule_files():
+        assert "job=" not in path.read_text() and "job=~" not in path.read_text(), path
