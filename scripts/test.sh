@@ -8,4 +8,8 @@ python3 -m venv .venv
 .venv/bin/ruff format --check runtime monitor tests
 .venv/bin/ruff check runtime monitor tests
 .venv/bin/mypy
+# The AG-UI tests need the npm client from tests/agui's lockfile (skipped without node).
+if command -v npm >/dev/null 2>&1 && [ ! -d tests/agui/node_modules ]; then
+  (cd tests/agui && npm ci --no-audit --no-fund)
+fi
 exec .venv/bin/python -m pytest "$@"
