@@ -31,6 +31,7 @@ from starlette.routing import Route
 from monitor.api import MonitorAuth
 from monitor.web import build_web
 from runtime.events import EventType, new_id
+from runtime.store.migrate import upgrade
 from runtime.store.recorder import AuditStore
 from runtime.tracing import (
     run_id_of,
@@ -43,6 +44,7 @@ from runtime.tracing import (
 from . import test_llm_agent
 from .conftest import free_port, make_settings, serve_runtime, sqlite_url, wait_until
 from .invariants import assert_valid
+from .test_checker import lifecycle, now_us, receipts, write_run
 from .test_llm_agent import FakeOpenAI, fake_openai, llm_env  # noqa: F401
 
 ERRORS = "runwatch_trace_export_errors_total"
@@ -535,3 +537,27 @@ async def test_run_page_links_to_the_trace(
     back = await page(None, f"/monitor/traces/{trace_id.upper()}")
     assert back.status_code == 303 and back.headers["location"] == f"/monitor/runs/{run_id}"
     assert (await page(None, "/monitor/traces/nothex")).status_code == 404
+
+
+async def test_run_ended_by_startup_recovery_is_traced(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run a crashed process left open gets its trace from the process that ends it."""
+    otel_env(monkeypatch, f"http://127.0.0.1:{receiver.port}")
+    db = sqlite_url(tmp_path / "rw.db")
+    await asyncio.to_thread(upgrade, db)
+    store = AuditStore.open(db)
+    try:
+        run_id = new_id()
+        lc = lifecycle(run_id, now_us() - 5_000_000)
+        events = [lc.started("wait 30"), lc.thinking("working")]
+        await write_run(store, events, receipts(events), created_us=events[0].ts_us)
+    finally:
+        await store.close()
+    async with serve_runtime(make_settings(db)):  # instance "test", as the open run's
+        await wait_until(lambda: receiver.root(run_id) is not None, 20)
+    root = receiver.root(run_id)
+    assert root is not None and root.name == "invoke_agent demo"
+    assert root.attributes["error.type"] == "runtime_restarted" and root.status_code == 2
+    assert root.attributes["runwatch.recovered"] is True
+    assert root.attributes["gen_ai.conversation.id"] == "t-" + run_id
