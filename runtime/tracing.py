@@ -554,9 +554,12 @@ class RunTracer:
     # ---- RunSink ------------------------------------------------------------------------
 
     def run_started(self, run_id: str, owner: str) -> None:
-        self._runs[run_id] = _Run(run_id, owner)
+        if not self._closed:
+            self._runs[run_id] = _Run(run_id, owner)
 
     def committed(self, items: Sequence[Emitted]) -> None:
+        if self._closed:
+            return
         for item in items:
             event = item.event
             run = self._runs.get(event.run_id)

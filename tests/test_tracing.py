@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -34,6 +35,8 @@ from runtime.events import EventType, new_id
 from runtime.store.migrate import upgrade
 from runtime.store.recorder import AuditStore
 from runtime.tracing import (
+    TraceMetrics,
+    build_tracer,
     run_id_of,
     tool_error_type,
     trace_id_of,
@@ -561,3 +564,19 @@ async def test_run_ended_by_startup_recovery_is_traced(
     assert root.attributes["error.type"] == "runtime_restarted" and root.status_code == 2
     assert root.attributes["runwatch.recovered"] is True
     assert root.attributes["gen_ai.conversation.id"] == "t-" + run_id
+
+
+def test_tracing_that_cannot_work_is_off_with_an_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings("sqlite+aiosqlite:///unused.db")
+    metrics = TraceMetrics(CollectorRegistry())
+    url = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    bad = build_tracer(settings, metrics, {**url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+    assert bad is None
+    assert "'http/json' is not supported" in caplog.text
+    # The otel extra not installed: runwatch serves runs untraced and says why.
+    monkeypatch.setitem(sys.modules, "runtime.otlp", None)
+    assert build_tracer(settings, metrics, url) is None
+    assert "install runwatch[otel]" in caplog.text
+    assert build_tracer(settings, metrics, {}) is None
