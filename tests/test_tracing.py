@@ -31,10 +31,14 @@ from starlette.routing import Route
 
 from monitor.api import MonitorAuth
 from monitor.web import build_web
-from runtime.events import EventType, new_id
+from runtime.events import EventType, Receipt, new_id
+from runtime.pipeline import Emitted
 from runtime.store.migrate import upgrade
 from runtime.store.recorder import AuditStore
+from runtime.store.writer import DeliveryLog
 from runtime.tracing import (
+    RunTracer,
+    SpanPlan,
     TraceMetrics,
     build_tracer,
     run_id_of,
@@ -580,3 +584,54 @@ def test_tracing_that_cannot_work_is_off_with_an_error(
     assert build_tracer(settings, metrics, url) is None
     assert "install runwatch[otel]" in caplog.text
     assert build_tracer(settings, metrics, {}) is None
+
+
+# ---- the plan, without an SDK ----------------------------------------------------------------
+
+
+@dataclass
+class ListBackend:
+    plans: list[tuple[int, SpanPlan]] = field(default_factory=list)
+    closed: bool = False
+
+    def emit(self, trace_id: int, plan: SpanPlan) -> None:
+        self.plans.append((trace_id, plan))
+
+    def shutdown(self) -> None:
+        self.closed = True
+
+
+async def test_plan_keeps_milestones_and_bounds_span_events() -> None:
+    backend = ListBackend()
+    tracer = RunTracer(backend, max_events=5)
+    run_id = new_id()
+    lc = lifecycle(run_id, now_us())
+    events = [lc.started("hi"), *[lc.thinking(f"step {n}") for n in range(10)]]
+    events += [lc.tool_executing("call_1", "wait", {"seconds": 1})]
+    events += [*lc.close_open_tools("ended"), lc.final_report("done"), lc.completed()]
+    tracer.run_started(run_id, "alice")
+    for n, event in enumerate(events):
+        item = Emitted.of(event, "alice", live=True)
+        item.committed_us = event.ts_us + 100
+        tracer.committed([item])
+        if n == 0:
+            tracer.recorder(DeliveryLog()).record_receipt(
+                Receipt(event.event_id, run_id, 1, "c", "alice", event.ts_us + 200)
+            )
+            tracer.first_acked(run_id, 1, event.ts_us + 300)
+    await wait_until(lambda: backend.plans, 5)
+    ((trace_id, root),) = backend.plans
+    assert f"{trace_id:032x}" == trace_id_of(run_id)
+    assert [e.name for e in root.events][:3] == [
+        "runwatch.committed",
+        "runwatch.first_sent",
+        "runwatch.first_acked",
+    ]
+    assert [e.ts_us - events[0].ts_us for e in root.events[:3]] == [100, 200, 300]
+    assert len(root.events) == 5 and root.attributes["runwatch.thinking_steps"] == 10
+    assert root.end_us == events[-1].ts_us + 100  # the terminal event's commit
+    (tool,) = root.children
+    assert tool.error_type == "ended" and tool.attributes["error.type"] == "ended"
+    await tracer.close()
+    await tracer.close()
+    assert backend.closed and len(backend.plans) == 1
