@@ -4,7 +4,11 @@
     python dashboards/generate.py --check  # exits 1 if the committed JSON is stale
 
 Each dashboard has a stable ``uid``, a ``datasource`` template variable (no ``${DS_...}``
-inputs), and every panel a unit. Panel ids are unique and the layout fills the 24-column grid.
+inputs), ``job`` and ``instance`` variables, and every panel a unit. Every raw metric is read
+through :func:`m`, which filters on ``job`` and ``instance``, so one set of dashboards serves the
+embedded deployment (one job) and the split one (a runtime job and a monitor job) alike; the
+recording rules aggregate every runwatch target. Panel ids are unique and the layout fills the
+24-column grid.
 """
 
 from __future__ import annotations
@@ -18,6 +22,44 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
+#: Every runwatch process exports one of these (``runwatch serve`` both): the targets to list.
+TARGETS = '{__name__=~"runwatch_build_info|runwatch_monitor_build_info"}'
+SCOPE = 'job=~"$job", instance=~"$instance"'
+
+
+#: The description of panels that read a recording rule.
+SERVICE_WIDE = (
+    "Service-wide: a recording rule over every runwatch target (job and instance do not apply)."
+)
+
+
+def m(metric: str, matchers: str = "") -> str:
+    """``metric`` as scraped from the targets picked in the ``job`` and ``instance`` variables."""
+    return f"{metric}{{{SCOPE}{', ' + matchers if matchers else ''}}}"
+
+
+def summed(fn: str, metric: str, by: str = "") -> str:
+    """``sum [by (...)] (fn(metric[$__rate_interval]))`` over the picked targets."""
+    grouping = f" by ({by})" if by else ""
+    return f"sum{grouping} ({fn}({m(metric)}[{RATE}]))"
+
+
+def variable(name: str, label: str, query: str) -> dict[str, Any]:
+    """A multi-value query variable, all values by default."""
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DS,
+        "definition": query,
+        "query": {"query": query, "refId": f"runwatch-{name}"},
+        "includeAll": True,
+        "multi": True,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "refresh": 2,
+        "sort": 1,
+        "hide": 0,
+    }
 
 
 def target(expr: str, legend: str = "", ref: str = "A", fmt: str = "time_series") -> dict[str, Any]:
@@ -96,7 +138,13 @@ def dashboard(
                     "current": {},
                     "hide": 0,
                     "refresh": 1,
-                }
+                },
+                variable("job", "Job", f"label_values({TARGETS}, job)"),
+                variable(
+                    "instance",
+                    "Instance",
+                    f'label_values({TARGETS[:-1]}, job=~"$job"}}, instance)',
+                ),
             ]
         },
         "annotations": {"list": []},
@@ -106,7 +154,7 @@ def dashboard(
 
 
 def q(quantile: float, metric: str, by: str = "le") -> str:
-    return f"histogram_quantile({quantile}, sum by ({by}) (rate({metric}_bucket[{RATE}])))"
+    return f"histogram_quantile({quantile}, sum by ({by}) (rate({m(metric + '_bucket')}[{RATE}])))"
 
 
 def overview() -> dict[str, Any]:
@@ -119,21 +167,28 @@ def overview() -> dict[str, Any]:
                 "Events emitted by type",
                 [
                     target(
-                        f"sum by (type) (rate(runwatch_events_emitted_total[{RATE}]))", "{{type}}"
+                        summed("rate", "runwatch_events_emitted_total", "type"),
+                        "{{type}}",
                     )
                 ],
                 "ops",
             ),
             panel(
                 "Event frames sent by type (live and replayed)",
-                [target(f"sum by (type) (rate(runwatch_events_sent_total[{RATE}]))", "{{type}}")],
+                [
+                    target(
+                        summed("rate", "runwatch_events_sent_total", "type"),
+                        "{{type}}",
+                    )
+                ],
                 "ops",
             ),
             panel(
                 "Runs started by agent",
                 [
                     target(
-                        f"sum by (agent) (rate(runwatch_runs_started_total[{RATE}]))", "{{agent}}"
+                        summed("rate", "runwatch_runs_started_total", "agent"),
+                        "{{agent}}",
                     )
                 ],
                 "ops",
@@ -143,7 +198,7 @@ def overview() -> dict[str, Any]:
                 "Runs finished by outcome",
                 [
                     target(
-                        f"sum by (outcome) (rate(runwatch_runs_finished_total[{RATE}]))",
+                        summed("rate", "runwatch_runs_finished_total", "outcome"),
                         "{{outcome}}",
                     )
                 ],
@@ -163,7 +218,7 @@ def overview() -> dict[str, Any]:
                 "Tool calls by tool and status",
                 [
                     target(
-                        f"sum by (tool, status) (rate(runwatch_tool_calls_total[{RATE}]))",
+                        summed("rate", "runwatch_tool_calls_total", "tool, status"),
                         "{{tool}} {{status}}",
                     )
                 ],
@@ -175,8 +230,20 @@ def overview() -> dict[str, Any]:
                 "s",
             ),
             panel(
+                "Processes scraped",
+                [
+                    target(f"count({m('runwatch_build_info')})", "runtimes", "A"),
+                    target(f"count({m('runwatch_monitor_build_info')})", "monitors", "B"),
+                ],
+                "short",
+                kind="stat",
+                w=6,
+                description="Each process counts once (runwatch serve is one runtime and one "
+                "monitor); more than there are processes means a target scraped twice.",
+            ),
+            panel(
                 "Open connections",
-                [target("sum(runwatch_connections_open)", "open")],
+                [target(f"sum({m('runwatch_connections_open')})", "open")],
                 "short",
                 kind="stat",
                 w=6,
@@ -185,7 +252,8 @@ def overview() -> dict[str, Any]:
                 "Connection attempts by result",
                 [
                     target(
-                        f"sum by (result) (rate(runwatch_connections_total[{RATE}]))", "{{result}}"
+                        summed("rate", "runwatch_connections_total", "result"),
+                        "{{result}}",
                     )
                 ],
                 "ops",
@@ -193,26 +261,37 @@ def overview() -> dict[str, Any]:
             ),
             panel(
                 "Disconnects by close code",
-                [target(f"sum by (code) (rate(runwatch_disconnects_total[{RATE}]))", "{{code}}")],
+                [
+                    target(
+                        summed("rate", "runwatch_disconnects_total", "code"),
+                        "{{code}}",
+                    )
+                ],
                 "ops",
                 w=6,
             ),
             panel(
                 "Resumes by result",
-                [target(f"sum by (result) (rate(runwatch_resumes_total[{RATE}]))", "{{result}}")],
+                [
+                    target(
+                        summed("rate", "runwatch_resumes_total", "result"),
+                        "{{result}}",
+                    )
+                ],
                 "ops",
                 w=6,
             ),
             panel(
                 "Replayed event frames",
-                [target(f"sum(rate(runwatch_replayed_events_total[{RATE}]))", "replayed")],
+                [target(summed("rate", "runwatch_replayed_events_total"), "replayed")],
                 "ops",
             ),
             panel(
                 "Protocol errors by code",
                 [
                     target(
-                        f"sum by (code) (rate(runwatch_protocol_errors_total[{RATE}]))", "{{code}}"
+                        summed("rate", "runwatch_protocol_errors_total", "code"),
+                        "{{code}}",
                     )
                 ],
                 "ops",
@@ -236,6 +315,7 @@ def delivery() -> dict[str, Any]:
                 kind="stat",
                 w=6,
                 thresholds=slo,
+                description=SERVICE_WIDE,
             ),
             panel(
                 "Delivery SLI, last 1 d",
@@ -244,6 +324,7 @@ def delivery() -> dict[str, Any]:
                 kind="stat",
                 w=6,
                 thresholds=slo,
+                description=SERVICE_WIDE,
             ),
             panel(
                 "Error budget left (3 d)",
@@ -252,6 +333,7 @@ def delivery() -> dict[str, Any]:
                 kind="stat",
                 w=6,
                 thresholds=[(None, "red"), (0.25, "orange"), (0.5, "green")],
+                description=SERVICE_WIDE,
             ),
             panel(
                 "Events resolved (acked or failed)",
@@ -259,6 +341,7 @@ def delivery() -> dict[str, Any]:
                 "ops",
                 kind="stat",
                 w=6,
+                description=SERVICE_WIDE,
             ),
             panel(
                 "Burn rate",
@@ -271,7 +354,8 @@ def delivery() -> dict[str, Any]:
                 ],
                 "none",
                 description="1 = spending the budget exactly over the SLO period; "
-                "pages at 14.4 (1 h) and 6 (6 h).",
+                "pages at 14.4 (1 h) and 6 (6 h). "
+                "Service-wide: recording rules over every runwatch target.",
                 thresholds=[(None, "green"), (6, "orange"), (14.4, "red")],
             ),
             panel(
@@ -281,6 +365,7 @@ def delivery() -> dict[str, Any]:
                     target("runwatch:delivery_sli_error_ratio:rate1h", "1h", "B"),
                 ],
                 "percentunit",
+                description=SERVICE_WIDE,
             ),
             panel(
                 "Emit to client ack latency",
@@ -295,7 +380,7 @@ def delivery() -> dict[str, Any]:
                 "Emit to client ack latency heatmap",
                 [
                     target(
-                        f"sum by (le) (increase(runwatch_event_delivery_seconds_bucket[{RATE}]))",
+                        summed("increase", "runwatch_event_delivery_seconds_bucket", "le"),
                         "{{le}}",
                         fmt="heatmap",
                     )
@@ -315,10 +400,11 @@ def delivery() -> dict[str, Any]:
             panel(
                 "Acked vs sent live",
                 [
-                    target(f"sum(rate(runwatch_events_acked_total[{RATE}]))", "acked", "A"),
+                    target(summed("rate", "runwatch_events_acked_total"), "acked", "A"),
                     target(
-                        f"sum(rate(runwatch_events_sent_total[{RATE}]))"
-                        f" - sum(rate(runwatch_replayed_events_total[{RATE}]))",
+                        summed("rate", "runwatch_events_sent_total")
+                        + " - "
+                        + summed("rate", "runwatch_replayed_events_total"),
                         "sent live",
                         "B",
                     ),
@@ -330,18 +416,21 @@ def delivery() -> dict[str, Any]:
                 "Delivery failures and deferred events",
                 [
                     target(
-                        f"sum by (reason) (rate(runwatch_event_delivery_failures_total[{RATE}]))",
+                        summed("rate", "runwatch_event_delivery_failures_total", "reason"),
                         "failed: {{reason}}",
                         "A",
                     ),
                     target(
-                        f"sum(rate(runwatch_events_deferred_total[{RATE}]))",
+                        summed("rate", "runwatch_events_deferred_total"),
                         "deferred (owner offline)",
                         "B",
                     ),
                 ],
                 "ops",
                 w=8,
+                description="Failed: sent live and never acked before the connection closed; "
+                "they count against the delivery SLI. Deferred: emitted while the owner had no "
+                "live connection on the run; outside the SLI, the client gets them by resume.",
             ),
         ],
     )
@@ -357,7 +446,7 @@ def run_health() -> dict[str, Any]:
                 "Violations by rule",
                 [
                     target(
-                        f"sum by (rule) (increase(runwatch_monitor_violations_total[{RATE}]))",
+                        summed("increase", "runwatch_monitor_violations_total", "rule"),
                         "{{rule}}",
                     )
                 ],
@@ -368,7 +457,7 @@ def run_health() -> dict[str, Any]:
                 "Runs judged by verdict",
                 [
                     target(
-                        f"sum by (verdict) (rate(runwatch_monitor_runs_checked_total[{RATE}]))",
+                        summed("rate", "runwatch_monitor_runs_checked_total", "verdict"),
                         "{{verdict}}",
                     )
                 ],
@@ -376,7 +465,7 @@ def run_health() -> dict[str, Any]:
             ),
             panel(
                 "Stuck runs",
-                [target("max(runwatch_monitor_stuck_runs)", "stuck")],
+                [target(f"max({m('runwatch_monitor_stuck_runs')})", "stuck")],
                 "short",
                 kind="stat",
                 w=6,
@@ -384,14 +473,14 @@ def run_health() -> dict[str, Any]:
             ),
             panel(
                 "Open runs",
-                [target("max(runwatch_monitor_open_runs)", "open")],
+                [target(f"max({m('runwatch_monitor_open_runs')})", "open")],
                 "short",
                 kind="stat",
                 w=6,
             ),
             panel(
                 "Monitor lag",
-                [target("max(runwatch_monitor_lag_seconds)", "lag")],
+                [target(f"max({m('runwatch_monitor_lag_seconds')})", "lag")],
                 "s",
                 kind="stat",
                 w=6,
@@ -399,7 +488,11 @@ def run_health() -> dict[str, Any]:
             ),
             panel(
                 "Since the monitor's last pass",
-                [target("time() - max(runwatch_monitor_last_check_timestamp_seconds)", "age")],
+                [
+                    target(
+                        f"time() - max({m('runwatch_monitor_last_check_timestamp_seconds')})", "age"
+                    )
+                ],
                 "s",
                 kind="stat",
                 w=6,
@@ -421,10 +514,11 @@ def run_health() -> dict[str, Any]:
                 kind="stat",
                 w=6,
                 thresholds=[(None, "red"), (0.999, "green")],
+                description=SERVICE_WIDE,
             ),
             panel(
                 "Audit store up",
-                [target("min(runwatch_audit_store_up)", "up")],
+                [target(f"min({m('runwatch_audit_store_up')})", "up")],
                 "bool",
                 kind="stat",
                 w=6,
@@ -433,8 +527,8 @@ def run_health() -> dict[str, Any]:
             panel(
                 "Audit queue and journal",
                 [
-                    target("sum(runwatch_audit_queue_depth)", "writer queue", "A"),
-                    target("sum(runwatch_audit_journal_depth)", "outage journal", "B"),
+                    target(f"sum({m('runwatch_audit_queue_depth')})", "writer queue", "A"),
+                    target(f"sum({m('runwatch_audit_journal_depth')})", "outage journal", "B"),
                 ],
                 "short",
                 w=8,
@@ -450,7 +544,7 @@ def run_health() -> dict[str, Any]:
             ),
             panel(
                 "Audit write errors",
-                [target(f"sum(increase(runwatch_audit_write_errors_total[{RATE}]))", "errors")],
+                [target(summed("increase", "runwatch_audit_write_errors_total"), "errors")],
                 "short",
                 w=8,
             ),

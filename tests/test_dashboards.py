@@ -61,6 +61,7 @@ _FUNCS = {
     "count",
     "avg",
     "irate",
+    "unless",
 }
 
 
@@ -69,6 +70,7 @@ def metric_names(expr: str) -> set[str]:
     cleaned = re.sub(r"\[[^\]]*\]", "", cleaned)
     cleaned = re.sub(r'"[^"]*"', "", cleaned)
     cleaned = re.sub(r"\bby \([^)]*\)", "", cleaned)
+    cleaned = re.sub(r"\boffset \d+[smhdwy]+", "", cleaned)
     tokens = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", cleaned))
     return {t for t in tokens if t not in _FUNCS and not t.startswith("__")}
 
@@ -129,3 +131,38 @@ def test_metric_name_parser_sees_names() -> None:
         'histogram_quantile(0.99, sum by (le) (rate(runwatch_x_bucket{le="1.0"}[5m]))) or vector(0)'
     )
     assert metric_names(expr) == {"runwatch_x_bucket"}
+
+
+SCOPE = '{job=~"$job", instance=~"$instance"'
+
+
+def test_job_and_instance_variables_list_runwatch_targets() -> None:
+    for path in DASHBOARDS:
+        variables = {v["name"]: v for v in json.loads(path.read_text())["templating"]["list"]}
+        for name in ("job", "instance"):
+            var = variables[name]
+            assert var["type"] == "query" and var["includeAll"] and var["multi"], path.name
+            query = var["query"]["query"]
+            assert query == var["definition"]
+            assert "runwatch_build_info" in query and "runwatch_monitor_build_info" in query
+            assert query.endswith(f", {name})")
+        assert 'job=~"$job"' in variables["instance"]["query"]["query"]
+
+
+def test_every_raw_metric_is_read_through_the_job_and_instance_variables() -> None:
+    """The same panels serve one scrape job (runwatch serve) and two (runtime + monitor);
+    only the recording rules, which aggregate every target, are read unscoped."""
+    for path in DASHBOARDS:
+        for p in json.loads(path.read_text())["panels"]:
+            for t in p["targets"]:
+                expr = t["expr"]
+                for name in metric_names(expr):
+                    if ":" in name:
+                        assert "SLI" in p["title"] or p["description"], (
+                            f"{path.name}: {p['title']}: say that a recording rule is service-wide"
+                        )
+                        continue
+                    for hit in re.finditer(rf"\b{name}\b", expr):
+                        assert expr[hit.end() :].startswith(SCOPE), (
+                            f"{path.name}: {p['title']}: {name} not scoped: {expr}"
+                        )
