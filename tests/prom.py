@@ -31,9 +31,25 @@ def rule_files() -> list[Path]:
     return sorted(p for p in (ROOT / "alerts").glob("*.yml") if "alertmanager" not in p.name)
 
 
-def fast_rules(dest: Path, for_override: str = "2s") -> list[Path]:
+#: The delivery SLI's windows shortened for a test, in the same order (5m < 30m < 1h < ...).
+SHORT_SLI_WINDOWS = {
+    "5m": "10s",
+    "30m": "20s",
+    "1h": "30s",
+    "2h": "40s",
+    "6h": "60s",
+    "1d": "90s",
+    "3d": "120s",
+}
+
+
+def fast_rules(
+    dest: Path, for_override: str = "2s", sli_windows: dict[str, str] | None = None
+) -> list[Path]:
     """Copies of the alert rules with every ``for:`` shortened, so a test sees alerts fire in
-    seconds; expressions and labels are untouched."""
+    seconds; expressions and labels are untouched, except that ``sli_windows`` (e.g.
+    :data:`SHORT_SLI_WINDOWS`) replaces the range of every delivery SLI recording rule, so the
+    burn-rate alerts see a fault within seconds too (the rule names stay)."""
     out = []
     for path in rule_files():
         doc = yaml.safe_load(path.read_text())
@@ -44,6 +60,10 @@ def fast_rules(dest: Path, for_override: str = "2s") -> list[Path]:
                     rule["for"] = for_override
                 if "alert" in rule and "keep_firing_for" in rule:
                     rule["keep_firing_for"] = "0s"
+                if sli_windows and rule.get("record", "").startswith("runwatch:delivery_"):
+                    rule["expr"] = re.sub(
+                        r"\[(\w+)\]", lambda m: f"[{sli_windows[m.group(1)]}]", rule["expr"]
+                    )
         target = dest / path.name
         target.write_text(yaml.safe_dump(doc, sort_keys=False))
         out.append(target)
@@ -76,6 +96,15 @@ class Prometheus:
             a["labels"].get("alertname") == name and a["state"] == "firing" for a in self.alerts()
         )
 
+    def samples(self, selector: str, window_s: int) -> list[tuple[float, float]]:
+        """The raw samples (timestamp, value) of the single series ``selector`` selects over
+        the last ``window_s`` seconds, summed across series when several match."""
+        by_ts: dict[float, float] = {}
+        for series in self.query(f"{selector}[{window_s}s]"):
+            for ts, value in series["values"]:
+                by_ts[float(ts)] = by_ts.get(float(ts), 0.0) + float(value)
+        return sorted(by_ts.items())
+
     def targets_up(self) -> bool:
         r = httpx.get(f"{self.url}/api/v1/targets", timeout=10).json()
         active = r["data"]["activeTargets"]
@@ -93,24 +122,44 @@ class Prometheus:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
+def documented_config(deployment: str) -> dict[str, Any]:
+    """The ``prometheus.yml`` that docs/operations.md shows for ``deployment`` (``embedded``
+    or ``split``): the YAML block whose first line is ``# prometheus.yml (<deployment>...``."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+        if block.startswith(f"# prometheus.yml ({deployment}"):
+            return dict(yaml.safe_load(block))
+    raise AssertionError(f"docs/operations.md shows no prometheus.yml ({deployment}: ...)")
+
+
+def scrape_config(
+    deployment: str, targets: dict[str, list[int]], rules: list[Path]
+) -> dict[str, Any]:
+    """The documented config with each documented target replaced by the test's processes of
+    that kind (``targets``: documented target → ports on 127.0.0.1; a documented target the
+    test does not run is dropped); intervals 1 s, the given rule files, no Alertmanager.
+    Jobs, their names and how targets are grouped stay as documented."""
+    config = documented_config(deployment)
+    config["global"] = {**config.get("global", {}), "scrape_interval": "1s"}
+    config["global"]["evaluation_interval"] = "1s"
+    config["rule_files"] = [str(p) for p in rules]
+    config.pop("alerting", None)
+    documented = set()
+    for job in config["scrape_configs"]:
+        job.pop("scrape_interval", None)
+        for static in job["static_configs"]:
+            documented |= set(static["targets"])
+            static["targets"] = [
+                f"127.0.0.1:{port}" for t in static["targets"] for port in targets.get(t, [])
+            ]
+    assert set(targets) <= documented, f"not in the documented config: {set(targets) - documented}"
+    return config
+
+
 @contextmanager
-def run_prometheus(
-    workdir: Path, targets: dict[str, list[int]], rules: list[Path]
-) -> Iterator[Prometheus]:
-    """Prometheus scraping ``targets`` (job name → ports on 127.0.0.1) every second."""
+def run_prometheus(workdir: Path, config: dict[str, Any]) -> Iterator[Prometheus]:
+    """Prometheus with ``config`` (see :func:`scrape_config`)."""
     port = free_port()
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(p) for p in rules],
-        "scrape_configs": [
-            {
-                "job_name": job,
-                "scrape_interval": "1s",
-                "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in ports]}],
-            }
-            for job, ports in targets.items()
-        ],
-    }
     cfg = workdir / "prometheus.yml"
     cfg.write_text(yaml.safe_dump(config))
     log_path = workdir / "prometheus.log"
@@ -144,6 +193,25 @@ def _ready(prom: Prometheus) -> bool:
         return httpx.get(f"{prom.url}/-/ready", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def resolve_variables(prom: Prometheus, dashboard: dict[str, Any]) -> dict[str, str]:
+    """The dashboard's query variables as Grafana resolves them with "All" picked: each
+    ``label_values(selector, label)`` asked of Prometheus, the values regex-escaped and joined
+    as ``(a|b)`` (Grafana's Prometheus interpolation of a multi-value variable)."""
+    out: dict[str, str] = {}
+    for var in dashboard["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        m = re.fullmatch(r"label_values\((.*), (\w+)\)", var["query"]["query"])
+        assert m, var["query"]
+        selector = concrete(m.group(1), out)
+        r = httpx.get(
+            f"{prom.url}/api/v1/label/{m.group(2)}/values", params={"match[]": selector}, timeout=10
+        ).json()
+        values = [re.sub(r"([\\^$*+?.()|{}\[\]'])", r"\\\\\1", v) for v in r["data"]]
+        out[var["name"]] = "(" + "|".join(values) + ")"
+    return out
 
 
 _GRAFANA_VARS = {
