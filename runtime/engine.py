@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .agents import AgentRegistry, ModelRound, RunTelemetry, ToolError
-from .events import ErrorCode, Event, EventType, now_us
+from .events import ErrorCode, Event, now_us
 from .hub import Hub
 from .lifecycle import LifecycleError, RunLifecycle, RunOutcome
 from .metrics import RuntimeMetrics
@@ -60,6 +60,9 @@ class _ActiveRun:
     input: str
     lc: RunLifecycle
     outbox: Outbox
+    #: The hub's answer to "is an owner connection watching?", valid at ``watch_version``.
+    watched_here: bool = False
+    watch_version: int = -1
     supervisor: asyncio.Task[None] | None = None
     inner: asyncio.Future[str] | None = None
     #: Why the run is being stopped early (cancel, timeout, shutdown), if it is.
@@ -182,8 +185,6 @@ class Engine:
         self.telemetry = telemetry
         self.active: dict[str, _ActiveRun] = {}
         self.accepting = True
-        self._emitted = {t.value: metrics.events_emitted.labels(type=t.value) for t in EventType}
-        self._deferred = {t.value: metrics.events_deferred.labels(type=t.value) for t in EventType}
 
     # ---- emission -----------------------------------------------------------------------
 
@@ -200,19 +201,27 @@ class Engine:
         nothing; once created, the events are queued with no await in between."""
         await run.outbox.wait_space()
         last: Emitted | None = None
+        live = self._watched(run)
         for event in make(run.lc):
-            last = self._submit(event, run.info.user_id, run.outbox)
+            last = self._submit(event, run.info.user_id, run.outbox, live)
         if durable and last is not None:
             last.durable = asyncio.get_running_loop().create_future()
             # Shielded: a cancel of the waiter leaves the event queued for its commit.
             await asyncio.shield(last.durable)
 
-    def _submit(self, event: Event, owner: str, outbox: Outbox | None) -> Emitted:
-        kind = event.type.value
-        live = self.hub.is_watched(event.run_id, owner)
-        self._emitted[kind].inc()
-        if not live:
-            self._deferred[kind].inc()
+    def _watched(self, run: _ActiveRun) -> bool:
+        """Whether an owner connection watches the run (its events are sent live), with this
+        replica's answer kept until a subscription changes anywhere in the hub."""
+        hub = self.hub
+        if run.watch_version != hub.version:
+            run.watched_here = hub.watched_here(run.info.run_id, run.info.user_id)
+            run.watch_version = hub.version
+        if run.watched_here:
+            return True
+        return hub.remote is not None and hub.remote.owner_elsewhere(run.info.user_id)
+
+    def _submit(self, event: Event, owner: str, outbox: Outbox | None, live: bool) -> Emitted:
+        # Counted (emitted, deferred) by the writer as it takes the event into a batch.
         item = Emitted.of(event, owner, live, outbox)
         if outbox is not None:
             outbox.add()
@@ -341,7 +350,8 @@ class Engine:
                     "the runtime restarted while this run was in progress",
                 )
             )
-            items = [self._submit(event, info.user_id, None) for event in new]
+            live = self.hub.is_watched(info.run_id, info.user_id)
+            items = [self._submit(event, info.user_id, None, live) for event in new]
             items[-1].durable = asyncio.get_running_loop().create_future()
             await items[-1].durable
             self.metrics.runs_finished.labels(

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from ulid import ULID
+import orjson
 
 __all__ = [
     "TERMINAL_TYPES",
@@ -26,6 +26,7 @@ __all__ = [
     "Event",
     "EventType",
     "Receipt",
+    "dumps",
     "format_ts",
     "new_id",
     "now_us",
@@ -68,22 +69,85 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: Every 10-bit value as its two Crockford base32 characters.
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+_RANDOM_CHUNK = 10 * 512
+
+
+class _Ids:
+    """ULIDs, fast: the timestamp part is cached per millisecond and the 80 random bits come
+    from ``os.urandom`` read in chunks, so an id costs no system call of its own."""
+
+    def __init__(self) -> None:
+        self.ms = -1
+        self.prefix = ""
+        self.random = b""
+        self.offset = 0
+
+    def new(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        if ms != self.ms:
+            p = _PAIRS
+            self.ms = ms
+            self.prefix = (p[(ms >> 40) & 1023] + p[(ms >> 30) & 1023] + p[(ms >> 20) & 1023]) + (
+                p[(ms >> 10) & 1023] + p[ms & 1023]
+            )
+        offset = self.offset
+        if offset + 10 > len(self.random):
+            self.random = os.urandom(_RANDOM_CHUNK)
+            offset = 0
+        self.offset = offset + 10
+        r = int.from_bytes(self.random[offset : offset + 10], "big")
+        p = _PAIRS
+        return (
+            self.prefix
+            + (p[r >> 70] + p[(r >> 60) & 1023] + p[(r >> 50) & 1023] + p[(r >> 40) & 1023])
+            + (p[(r >> 30) & 1023] + p[(r >> 20) & 1023] + p[(r >> 10) & 1023] + p[r & 1023])
+        )
+
+
+_ids = _Ids()
+
+
 def new_id() -> str:
-    """A fresh time-sortable, unguessable id (ULID with 80 bits from ``os.urandom``)."""
-    return str(ULID(_ulid_bytes()))
+    """A fresh time-sortable, unguessable id: a ULID (48-bit millisecond timestamp + 80 bits
+    from ``os.urandom``, never incremented from a previous id, so an id says nothing about
+    the next one)."""
+    return _ids.new()
 
 
-def _ulid_bytes() -> bytes:
-    # 48-bit millisecond timestamp + 80 random bits, never incremented from a previous id,
-    # so an id says nothing about the next one.
-    ms = int(datetime.now(UTC).timestamp() * 1000)
-    return ms.to_bytes(6, "big") + os.urandom(10)
+class _SecondCache:
+    """The RFC 3339 text of the current second, computed once per second."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.text = ""
+
+
+_second = _SecondCache()
 
 
 def format_ts(micros: int) -> str:
     """Microseconds since the epoch as RFC 3339 UTC with microseconds: ``...T10:00:00.123456Z``."""
-    dt = datetime.fromtimestamp(micros // 1_000_000, tz=UTC).replace(microsecond=micros % 1_000_000)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    second, micro = divmod(micros, 1_000_000)
+    cache = _second
+    if second != cache.second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        cache.second, cache.text = second, text
+    else:
+        text = cache.text
+    return f"{text}.{micro:06d}Z"
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON text, UTF-8 kept as is. Values orjson refuses (integers past 64 bits, lone
+    surrogates) are written by the standard library with ASCII escapes, so the result is always
+    valid JSON that any socket and store can carry."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(obj, separators=(",", ":"))
 
 
 def parse_ts(text: str) -> int:
@@ -128,7 +192,7 @@ class Event:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        return dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Event:

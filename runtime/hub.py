@@ -194,50 +194,58 @@ class Connection:
     async def _send_loop(self) -> None:
         counters = self.hub.counters
         metrics = self.hub.metrics
+        record = self.hub.recorder.record_receipt
+        send_seconds = metrics.send_seconds.observe
         try:
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                while self._queue:
-                    item = self._queue[0]
-                    await self.transport.send_text(item.text)
-                    self._queue.popleft()
-                    self.queued_bytes -= len(item.text)
-                    if self.queued_bytes <= self.max_queue_bytes // 2:
-                        self._writable.set()
-                    if item.event is not None:
-                        self._after_send(item, counters, metrics)
+                # Counted per burst, not per frame: one metric update per type and burst.
+                sent: dict[str, int] = {}
+                replayed = 0
+                try:
+                    while self._queue:
+                        item = self._queue[0]
+                        await self.transport.send_text(item.text)
+                        self._queue.popleft()
+                        self.queued_bytes -= len(item.text)
+                        if self.queued_bytes <= self.max_queue_bytes // 2:
+                            self._writable.set()
+                        event = item.event
+                        if event is None:
+                            continue
+                        now = now_us()
+                        kind = event.type.value
+                        sent[kind] = sent.get(kind, 0) + 1
+                        if item.replayed:
+                            replayed += 1
+                        elif item.live:
+                            send_seconds(max(0, now - event.ts_us) / 1e6)
+                        if event.seq > self.sent.get(event.run_id, 0):
+                            self.sent[event.run_id] = event.seq
+                        record(
+                            Receipt(
+                                event.event_id,
+                                event.run_id,
+                                event.seq,
+                                self.id,
+                                self.user_id,
+                                now,
+                                None,
+                                item.replayed,
+                            )
+                        )
+                finally:
+                    for kind, count in sent.items():
+                        counters.sent[kind].inc(count)
+                    if replayed:
+                        metrics.replayed_events.inc(replayed)
                 self._emptied.set()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the socket went away under us
             log.debug("send to %s failed: %r", self.id, exc)
             self.close(CloseCode.GOING_AWAY, send=False)
-
-    def _after_send(
-        self, item: _Outgoing, counters: _TypeCounters, metrics: RuntimeMetrics
-    ) -> None:
-        event = item.event
-        assert event is not None
-        now = now_us()
-        counters.sent[event.type.value].inc()
-        if item.replayed:
-            metrics.replayed_events.inc()
-        elif item.live:
-            metrics.send_seconds.observe(max(0, now - event.ts_us) / 1e6)
-        if event.seq > self.sent.get(event.run_id, 0):
-            self.sent[event.run_id] = event.seq
-        self.hub.recorder.record_receipt(
-            Receipt(
-                event_id=event.event_id,
-                run_id=event.run_id,
-                seq=event.seq,
-                connection_id=self.id,
-                user_id=self.user_id,
-                sent_us=now,
-                replayed=item.replayed,
-            )
-        )
 
     # ---- closing ------------------------------------------------------------------------
 
@@ -329,6 +337,8 @@ class Hub:
         self.observer = observer
         self._by_user: dict[str, set[Connection]] = {}
         self._tracks: dict[str, _RunTrack] = {}
+        #: Bumped whenever a subscription changes (see :meth:`watched_here`).
+        self.version = 0
 
     # ---- connections --------------------------------------------------------------------
 
@@ -362,6 +372,7 @@ class Hub:
         )
         conn.follow_new_runs = follow_new_runs
         conns.add(conn)
+        self.version += 1
         self.metrics.connections_open.inc()
         conn.start()
         if self.remote is not None and len(conns) == 1:
@@ -374,6 +385,7 @@ class Hub:
         if conns is None or conn not in conns:
             return
         conns.discard(conn)
+        self.version += 1
         if not conns:
             del self._by_user[conn.user_id]
             if self.remote is not None:
@@ -401,9 +413,31 @@ class Hub:
     def is_watched(self, run_id: str, user_id: str) -> bool:
         """True when an owner connection is subscribed to (or resuming) the run: an event
         emitted now is sent live and counts in the delivery SLI."""
-        if any(run_id in c.subscribed or run_id in c.resuming for c in self.connections(user_id)):
-            return True
-        return self.remote is not None and self.remote.owner_elsewhere(user_id)
+        return self.watched_here(run_id, user_id) or (
+            self.remote is not None and self.remote.owner_elsewhere(user_id)
+        )
+
+    def watched_here(self, run_id: str, user_id: str) -> bool:
+        """:meth:`is_watched` for this replica's connections only; its answer changes only when
+        :attr:`version` does, so a caller may keep it until then."""
+        for conn in self._by_user.get(user_id, ()):
+            if run_id in conn.subscribed or run_id in conn.resuming:
+                return True
+        return False
+
+    def begin_resume(self, conn: Connection, run_id: str) -> list[Event]:
+        """Buffer the run's live events for ``conn`` while its replay is read and sent."""
+        conn.subscribed.discard(run_id)
+        buffer: list[Event] = []
+        conn.resuming[run_id] = buffer
+        self.version += 1
+        return buffer
+
+    def end_resume(self, conn: Connection, run_id: str, *, subscribe: bool) -> None:
+        conn.resuming.pop(run_id, None)
+        if subscribe:
+            conn.subscribed.add(run_id)
+        self.version += 1
 
     def run_started(self, run_id: str, user_id: str, *, track: bool = True) -> None:
         """Every open connection of the owner gets the new run live (every tab). ``track``:
@@ -411,6 +445,7 @@ class Hub:
         for conn in self.connections(user_id):
             if conn.follow_new_runs:
                 conn.subscribed.add(run_id)
+        self.version += 1
         if track:
             self._tracks[run_id] = _RunTrack(owner=user_id)
 
@@ -442,6 +477,7 @@ class Hub:
                 conn.send_event(event, live=live, text=text)
                 if event.is_terminal:
                     conn.subscribed.discard(event.run_id)
+                    self.version += 1
 
     # ---- acknowledgements ---------------------------------------------------------------
 
@@ -473,11 +509,15 @@ class Hub:
         if self.observer is not None and track.acked_upto == 0 < seq:
             self.observer.first_acked(run_id, seq, now)
         if seq > track.acked_upto:
+            acked: dict[str, int] = {}
+            delivery = self.counters.delivery
             for s in range(track.acked_upto + 1, seq + 1):
                 if track.live.get(s) and s > track.failed_upto:
                     kind = track.types[s]
-                    self.counters.acked[kind].inc()
-                    self.counters.delivery[kind].observe(max(0, now - track.ts_us[s]) / 1e6)
+                    acked[kind] = acked.get(kind, 0) + 1
+                    delivery[kind].observe(max(0, now - track.ts_us[s]) / 1e6)
+            for kind, count in acked.items():
+                self.counters.acked[kind].inc(count)
             track.acked_upto = seq
             track.touched = time.monotonic()
         if track.ended and seq >= track.last_seq:

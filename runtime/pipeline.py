@@ -66,6 +66,8 @@ class Emitted:
     outbox: Outbox | None = None
     durable: asyncio.Future[int] | None = None
     committed_us: int = 0
+    #: Counted in ``runwatch_events_emitted_total`` (once, even if its batch is retried).
+    counted: bool = False
 
     @classmethod
     def of(cls, event: Event, owner: str, live: bool, outbox: Outbox | None = None) -> Emitted:

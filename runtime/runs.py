@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .engine import Engine
-from .events import Event, new_id, now_us
+from .events import new_id, now_us
 from .hub import Connection, Hub
 from .metrics import RuntimeMetrics
 from .protocol import Chat, FrameError, ProtocolErrorCode, resumed_frame
@@ -145,13 +145,11 @@ class RunService:
             return _not_found(run_id)
         # Buffer live events first, then read the store: an event is either in the replay
         # or in the buffer (or both, and then sent once), never in neither.
-        conn.subscribed.discard(run.run_id)
-        buffer: list[Event] = []
-        conn.resuming[run.run_id] = buffer
+        buffer = self.hub.begin_resume(conn, run.run_id)
         try:
             events = await self.store.run_events(run.run_id, after_seq)
         except BaseException:
-            conn.resuming.pop(run.run_id, None)
+            self.hub.end_resume(conn, run.run_id, subscribe=False)
             raise
         for event in events:
             # Flow control: a long replay waits for the socket instead of filling the queue.
@@ -159,15 +157,13 @@ class RunService:
             conn.send_event(event, live=False, replayed=True)
         last = max([after_seq, *(e.seq for e in events)])
         conn.send_frame(resumed_frame(run.run_id, after_seq, len(events)))
-        conn.resuming.pop(run.run_id, None)
         ended = any(e.is_terminal for e in events) or run.ended_us is not None
         for event in buffer:
             if event.seq > last:
                 conn.send_event(event, live=True)
                 last = event.seq
                 ended = ended or event.is_terminal
-        if not ended:
-            conn.subscribed.add(run.run_id)
+        self.hub.end_resume(conn, run.run_id, subscribe=not ended)
         self.metrics.resumes.labels(result="ok").inc()
         return None
 

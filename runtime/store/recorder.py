@@ -28,7 +28,6 @@ from sqlalchemy import (
     delete,
     event,
     func,
-    insert,
     select,
     update,
 )
@@ -37,7 +36,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from ..events import Event, EventType, Receipt
+from ..events import Event, EventType, Receipt, dumps
 from .models import ConnectionRow, DeliveryRow, EventRow, RunRow, ThreadRow
 
 __all__ = [
@@ -544,23 +543,23 @@ def _write_rows(conn: Connection, insert_: Any, batch: Batch, committed_us: int)
         )
     rows = [(e, live, committed_us) for e, live in batch.events] + batch.journaled
     if rows:
+        # The hot path: straight to the driver's executemany, no per-row statement work.
         # Idempotent by event_id, so a journal drained twice writes each event once.
-        stmt = insert_(EventRow).on_conflict_do_nothing(index_elements=["event_id"])
-        conn.execute(
-            stmt,
+        conn.exec_driver_sql(
+            _sql(conn, _INSERT_EVENTS, 10),
             [
-                {
-                    "event_id": e.event_id,
-                    "run_id": e.run_id,
-                    "seq": e.seq,
-                    "type": e.type.value,
-                    "thread_id": e.thread_id,
-                    "agent": e.agent,
-                    "ts_us": e.ts_us,
-                    "committed_us": at,
-                    "live": live,
-                    "data": e.data,
-                }
+                (
+                    e.event_id,
+                    e.run_id,
+                    e.seq,
+                    e.type.value,
+                    e.thread_id,
+                    e.agent,
+                    e.ts_us,
+                    at,
+                    live,
+                    dumps(e.data),
+                )
                 for e, live, at in rows
             ],
         )
@@ -572,19 +571,19 @@ def _write_rows(conn: Connection, insert_: Any, batch: Batch, committed_us: int)
                     .values(ended_us=e.ts_us, outcome=_outcome_of(e), last_seq=e.seq)
                 )
     if batch.receipts:
-        conn.execute(
-            insert(DeliveryRow),
+        conn.exec_driver_sql(
+            _sql(conn, _INSERT_DELIVERIES, 8),
             [
-                {
-                    "event_id": r.event_id,
-                    "run_id": r.run_id,
-                    "seq": r.seq,
-                    "connection_id": r.connection_id,
-                    "user_id": r.user_id,
-                    "sent_us": r.sent_us,
-                    "acked_us": r.acked_us,
-                    "replayed": r.replayed,
-                }
+                (
+                    r.event_id,
+                    r.run_id,
+                    r.seq,
+                    r.connection_id,
+                    r.user_id,
+                    r.sent_us,
+                    r.acked_us,
+                    r.replayed,
+                )
                 for r in batch.receipts
             ],
         )
@@ -608,6 +607,25 @@ def _write_rows(conn: Connection, insert_: Any, batch: Batch, committed_us: int)
             .where(ConnectionRow.connection_id == c.connection_id)
             .values(closed_us=c.closed_us, close_code=c.close_code)
         )
+
+
+_INSERT_EVENTS = (
+    "INSERT INTO events (event_id, run_id, seq, type, thread_id, agent, ts_us, committed_us,"
+    " live, data) VALUES ({}) ON CONFLICT (event_id) DO NOTHING"
+)
+_INSERT_DELIVERIES = (
+    "INSERT INTO deliveries (event_id, run_id, seq, connection_id, user_id, sent_us, acked_us,"
+    " replayed) VALUES ({})"
+)
+
+
+def _sql(conn: Connection, template: str, params: int) -> str:
+    """``template`` with ``params`` placeholders in the driver's own style."""
+    if conn.dialect.paramstyle == "numeric_dollar":
+        marks = ", ".join(f"${i}" for i in range(1, params + 1))
+    else:
+        marks = ", ".join("?" * params)
+    return template.format(marks)
 
 
 _ACK_UPDATE = (

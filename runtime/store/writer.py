@@ -245,10 +245,25 @@ class AuditWriter:
             queue.clear()
         else:
             events = [queue.popleft() for _ in range(self.max_batch)]
+        emitted: dict[str, int] = {}
+        deferred: dict[str, int] = {}
         for item in events:
             if item.outbox is not None:
                 item.outbox.release()
                 item.outbox = None
+            if item.counted:
+                continue
+            # Each event is counted once, here, when it first joins a batch (per batch, not
+            # per event: one metric update per type).
+            item.counted = True
+            kind = item.event.type.value
+            emitted[kind] = emitted.get(kind, 0) + 1
+            if not item.live:
+                deferred[kind] = deferred.get(kind, 0) + 1
+        for kind, count in emitted.items():
+            self.metrics.events_emitted.labels(type=kind).inc(count)
+        for kind, count in deferred.items():
+            self.metrics.events_deferred.labels(type=kind).inc(count)
         return events
 
     async def _commit(
