@@ -96,6 +96,14 @@ async def test_refusals_before_the_stream(tmp_path: Path) -> None:
         assert await status("/agui", mine, {**alice, "Last-Event-ID": "junk"}) == 400
         assert await status("/agui", mine, {**bob, **last}) == 404
         assert await status("/agui", body(), {**alice, **last}) == 409
+        # With a matching runId it is a resume: snapshot, then (the run has ended) its end.
+        async with http.stream("POST", "/agui", json=mine, headers={**alice, **last}) as again:
+            resumed = [e["type"] for _, e in await read_stream(again)]
+        assert resumed == ["RUN_STARTED", "MESSAGES_SNAPSHOT", "RUN_FINISHED"]
+        # /agui/connect also takes runwatch's own run id.
+        by_id = {**mine, "runId": run_id}
+        async with http.stream("POST", "/agui/connect", json=by_id, headers=alice) as again:
+            assert [e["type"] for _, e in await read_stream(again)] == resumed
         # A thread runwatch has not seen becomes the caller's: Bob now owns his.
         assert await status("/agui", body("hello", threadId="bobs-thread"), bob) == 200
         assert await status("/agui", body("hello", threadId="bobs-thread"), alice) == 404
