@@ -115,7 +115,8 @@ def _first_value(values: str) -> float | None:
     for token in values.split():
         if token.startswith("_") or token == "stale":
             continue
-        return float(re.match(r"-?[0-9.e]+", token).group())  # type: ignore[union-attr]
+        # "0x5", "0+100x40", "1": the first sample is the number before any + or x.
+        return float(re.split(r"(?<=.)[+x]", token)[0])
     return None
 
 
