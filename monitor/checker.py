@@ -75,6 +75,9 @@ class CheckerConfig:
     load_chunk: int = 200
     #: CPU time judged before the event loop gets a turn.
     slice_s: float = 0.005
+    #: While behind, the share of time the loop spends in passes (it sleeps the rest), so that
+    #: catching up a backlog leaves the runtime CPU and, inside ``runwatch serve``, its loop.
+    busy_share: float = 0.5
 
 
 @dataclass
@@ -596,12 +599,15 @@ class Checker:
             self._task = None
 
     async def _loop(self, interval_s: float) -> None:
+        share = min(1.0, max(0.01, self.config.busy_share))
         while True:
             try:
+                started = time.perf_counter()
                 result = await self.step()
                 if result.more:
-                    await asyncio.sleep(0)
-                    continue  # behind: go again at once
+                    # Behind: go again soon, after a pause in proportion to the pass.
+                    await asyncio.sleep((time.perf_counter() - started) * (1 - share) / share)
+                    continue
             except StoreError as exc:
                 log.warning("checker pass failed: %s", exc)
             except Exception:

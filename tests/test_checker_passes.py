@@ -22,6 +22,7 @@ from runtime.events import new_id
 from runtime.store.models import EventRow, RunRow
 from runtime.store.recorder import AuditStore
 
+from .conftest import wait_until
 from .test_checker import CONFIG, RULES, healthy_events, now_us, receipts, verdicts, write_run
 
 
@@ -212,6 +213,24 @@ async def test_a_pass_judges_at_most_max_judge_runs(store: AuditStore) -> None:
     first = await chk.step()
     assert first.judged == 10 and first.more
     await chk.catch_up()
+    await judged_once(store, runs)
+
+
+async def test_the_loop_passes_again_at_once_while_behind(store: AuditStore) -> None:
+    runs = await write_healthy(store, 25, now_us() - 60_000_000)
+    chk, registry = make_checker(store, CheckerConfig(rules=RULES, settle_s=1, max_judge=10))
+    chk.start(interval_s=3600)  # only passes that found more work can come soon
+    try:
+
+        def judged() -> bool:
+            value = registry.get_sample_value(
+                "runwatch_monitor_runs_checked_total", {"verdict": "pass"}
+            )
+            return value == len(runs)
+
+        await wait_until(judged, 10)
+    finally:
+        await chk.stop()
     await judged_once(store, runs)
 
 
