@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .errors import StoreError, StoreRejected, StoreUnavailable
 from .recorder import (
     AckUpdate,
     AuditStore,
@@ -10,8 +11,6 @@ from .recorder import (
     ConnectionOpen,
     RunInfo,
     StoredEvent,
-    StoreError,
-    StoreUnavailable,
 )
 
 __all__ = [
@@ -22,6 +21,7 @@ __all__ = [
     "ConnectionOpen",
     "RunInfo",
     "StoreError",
+    "StoreRejected",
     "StoreUnavailable",
     "StoredEvent",
 ]

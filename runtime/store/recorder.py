@@ -2,12 +2,10 @@
 
 Everything the runtime and the monitor read or write goes through :class:`AuditStore`.
 Writes arrive grouped in a :class:`Batch` (see ``writer.py``: one transaction per group commit).
-Driver errors are translated at this boundary into :class:`StoreError` subclasses.
-
-Exceptions::
-
-    StoreError
-     +-- StoreUnavailable   the database cannot be reached or refused the write
+Driver errors are translated at this boundary into :class:`StoreError` subclasses, transient
+or permanent (see ``errors.py``); reads on the runtime's hot paths (connect, chat, resume) are
+bounded by :attr:`AuditStore.read_timeout_s`, so a stalled database answers "unavailable" instead
+of freezing the sockets that wait on it.
 """
 
 from __future__ import annotations
@@ -33,10 +31,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..events import Event, EventType, Receipt, dumps
+from .errors import INT32_MAX, StoreError, StoreRejected, StoreUnavailable, translate
 from .models import ConnectionRow, DeliveryRow, EventRow, RunRow, ThreadRow
 
 __all__ = [
@@ -47,24 +45,10 @@ __all__ = [
     "ConnectionOpen",
     "RunInfo",
     "StoreError",
+    "StoreRejected",
     "StoreUnavailable",
     "StoredEvent",
 ]
-
-
-class StoreError(Exception):
-    """A failure of the audit store."""
-
-    def __init__(self, message: str, *, reason: str = "error") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.args[0]}"
-
-
-class StoreUnavailable(StoreError):
-    """The database cannot be reached, is locked, full, or refused the write."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +245,10 @@ def _sqlite_writer_engine(url: str) -> Engine:
 class AuditStore:
     """Reads and writes of the audit store. Build with :meth:`open`; close with :meth:`close`."""
 
+    #: Bound on the runtime's hot-path reads (connect, chat, resume, ack): a stalled store
+    #: answers "unavailable" within it. The monitor's reads are not bounded.
+    read_timeout_s = 3.0
+
     def __init__(self, engine: AsyncEngine, *, writer_engine: Engine | None = None) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
@@ -292,18 +280,18 @@ class AuditStore:
         try:
             async with self.engine.begin() as conn:
                 yield conn
-        except IntegrityError as exc:
-            raise StoreError(_first_line(exc), reason="integrity") from exc
-        except (OperationalError, DBAPIError, OSError) as exc:
-            raise StoreUnavailable(_first_line(exc), reason="unavailable") from exc
+        except Exception as exc:
+            raise translate(exc) from exc
 
     @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
+    async def _read(self, timeout: float | None = None) -> AsyncIterator[AsyncConnection]:
+        """A read connection; ``timeout`` bounds the wait for a pooled connection and the
+        query together (hot paths: a stalled store must not freeze a connect or a chat)."""
         try:
-            async with self.engine.connect() as conn:
+            async with asyncio.timeout(timeout), self.engine.connect() as conn:
                 yield conn
-        except (OperationalError, DBAPIError, OSError) as exc:
-            raise StoreUnavailable(_first_line(exc), reason="unavailable") from exc
+        except Exception as exc:
+            raise translate(exc) from exc
 
     async def ping(self) -> None:
         async with self._read() as conn:
@@ -312,14 +300,14 @@ class AuditStore:
     # ---- runs and threads -------------------------------------------------------------
 
     async def thread_owner(self, thread_id: str) -> str | None:
-        async with self._read() as conn:
+        async with self._read(self.read_timeout_s) as conn:
             row = await conn.execute(
                 select(ThreadRow.user_id).where(ThreadRow.thread_id == thread_id)
             )
             return row.scalar_one_or_none()
 
     async def find_run_by_msg(self, user_id: str, client_msg_id: str) -> RunInfo | None:
-        async with self._read() as conn:
+        async with self._read(self.read_timeout_s) as conn:
             res = await conn.execute(
                 select(RunRow).where(
                     RunRow.user_id == user_id, RunRow.client_msg_id == client_msg_id
@@ -335,7 +323,7 @@ class AuditStore:
         return created[0]
 
     async def get_run(self, run_id: str) -> RunInfo | None:
-        async with self._read() as conn:
+        async with self._read(self.read_timeout_s) as conn:
             res = await conn.execute(select(RunRow).where(RunRow.run_id == run_id))
             row = res.first()
             return _run_info(row) if row else None
@@ -351,7 +339,7 @@ class AuditStore:
 
     async def active_runs(self, user_id: str, limit: int = 100) -> list[dict[str, Any]]:
         """The owner's runs not ended, or ended but with the terminal event unacked."""
-        async with self._read() as conn:
+        async with self._read(self.read_timeout_s) as conn:
             res = await conn.execute(
                 select(RunRow.run_id, RunRow.last_seq, RunRow.ended_us)
                 .where(RunRow.user_id == user_id, RunRow.settled_us.is_(None))
@@ -379,7 +367,11 @@ class AuditStore:
     # ---- events and receipts ----------------------------------------------------------
 
     async def run_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
-        async with self._read() as conn:
+        if after_seq >= INT32_MAX:
+            # Past any seq the 32-bit column can hold: nothing to replay (and no overflow).
+            return []
+        after_seq = max(after_seq, 0)
+        async with self._read(self.read_timeout_s) as conn:
             res = await conn.execute(
                 select(EventRow)
                 .where(EventRow.run_id == run_id, EventRow.seq > after_seq)
@@ -429,10 +421,8 @@ class AuditStore:
                 return await loop.run_in_executor(
                     self._writer_thread, _write_in_thread, engine, self._insert, batch, committed_us
                 )
-            except IntegrityError as exc:
-                raise StoreError(_first_line(exc), reason="integrity") from exc
-            except (OperationalError, DBAPIError, OSError) as exc:
-                raise StoreUnavailable(_first_line(exc), reason="unavailable") from exc
+            except Exception as exc:
+                raise translate(exc) from exc
         async with self._tx() as conn:
             return await conn.run_sync(_write_batch, self._insert, batch, committed_us)
 
@@ -467,11 +457,6 @@ class AuditStore:
                 )
             )
             return counts
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _write_batch(
@@ -514,7 +499,11 @@ def _create_run(
         )
         row = res.first()
         if row is None:
-            raise StoreError(f"cannot create run {run.run_id}", reason="conflict")
+            raise StoreRejected(f"cannot create run {run.run_id}", reason="conflict")
+        if row.run_id == run.run_id:
+            # Read back: this very run was committed by an earlier attempt whose answer was
+            # lost (a connection cut after COMMIT). It is new, not a duplicate: it starts.
+            return _run_info(row), False
         return _run_info(row), True
     if new_thread:
         conn.execute(
@@ -591,7 +580,12 @@ def _write_rows(conn: Connection, insert_: Any, batch: Batch, committed_us: int)
         # One statement for the whole group (executemany). Acks are cumulative; each
         # receipt keeps the time of the first ack that covered it.
         params = [
-            {"b_conn": a.connection_id, "b_run": a.run_id, "b_seq": a.seq, "b_t": a.acked_us}
+            {
+                "b_conn": a.connection_id,
+                "b_run": a.run_id,
+                "b_seq": min(a.seq, INT32_MAX),
+                "b_t": a.acked_us,
+            }
             for a in batch.acks
         ]
         conn.execute(_ACK_UPDATE, params)
