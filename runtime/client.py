@@ -9,7 +9,12 @@ The client acknowledges every event it receives (``auto_ack``), de-duplicates by
 ``(run_id, seq)``, and when the socket drops it reconnects with backoff, re-sends chats that
 were not yet accepted (same ``client_msg_id``, so the server starts nothing twice) and resumes
 every unfinished run from its last seq. Iterating a :class:`Run` yields each event exactly once,
-in ``seq`` order, until the terminal event.
+in ``seq`` order, until the terminal event. A gap in a run's seqs (an event lost between
+replicas) is never waited out: the client resumes the run from the store at once.
+
+Reconnects back off exponentially (with jitter) up to ``max_backoff_s``; the backoff starts
+over only once a connection has stayed up for ``stable_after_s``, so a server that accepts and
+then drops the socket at once is not hammered.
 
 Exceptions::
 
@@ -25,6 +30,7 @@ import functools
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -100,6 +106,11 @@ class Run:
     def terminal(self) -> Event | None:
         return self.events[-1] if self.done else None
 
+    @property
+    def has_gap(self) -> bool:
+        """True while events past a missing seq are held back, waiting for it."""
+        return bool(self._pending)
+
     def _add(self, event: Event) -> bool:
         """Add an event; False for a duplicate. Out-of-order events wait for the gap."""
         if event.seq <= self.last_seq or event.seq in self._pending:
@@ -163,12 +174,17 @@ class RunwatchClient:
         max_backoff_s: float = 5.0,
         client_name: str = "runwatch-python/0.1",
         open_timeout_s: float = 10.0,
+        stable_after_s: float | None = None,
     ) -> None:
         self.url = url
         self._token = token
         self.auto_ack = auto_ack
         self.reconnect = reconnect
         self.max_backoff_s = max_backoff_s
+        #: How long a connection must last before the reconnect backoff starts over.
+        self.stable_after_s = (
+            stable_after_s if stable_after_s is not None else max(1.0, 2 * max_backoff_s)
+        )
         self.client_name = client_name
         self.open_timeout_s = open_timeout_s
         self.runs: dict[str, Run] = {}
@@ -184,6 +200,10 @@ class RunwatchClient:
         self._chats: dict[str, tuple[dict[str, Any], asyncio.Future[Run]]] = {}
         self._resumes: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._pongs: list[asyncio.Future[None]] = []
+        #: Runs with a gap-filling resume in flight (one at a time per run).
+        self._gap_resumes: set[str] = set()
+        self.gap_resumes = 0
+        self._opened_at = 0.0
         self._send_lock = asyncio.Lock()
 
     # ---- connection ---------------------------------------------------------------------
@@ -223,6 +243,7 @@ class RunwatchClient:
             await ws.close()
             raise ConnectionClosed(None, f"expected connected, got {first.get('type')!r}")
         self._ws = ws
+        self._opened_at = time.monotonic()
         self.connected_info = first
         self._ready.set()
         return first
@@ -343,8 +364,11 @@ class RunwatchClient:
             except (OSError, json.JSONDecodeError) as exc:
                 code, reason = None, repr(exc)
             self._ready.clear()
+            self._gap_resumes.clear()
             if self._closing:
                 return
+            if time.monotonic() - self._opened_at >= self.stable_after_s:
+                backoff = 0.1
             retry = self.reconnect and (
                 code is None or code in _RECONNECT or code == CloseCode.UNAUTHORIZED
             )
@@ -368,7 +392,6 @@ class RunwatchClient:
             if self._closing:
                 return
             self.reconnects += 1
-            backoff = 0.1
             await self._after_reconnect()
 
     async def _after_reconnect(self) -> None:
@@ -405,6 +428,7 @@ class RunwatchClient:
             if pending is not None and not pending[1].done():
                 pending[1].set_result(run)
         elif kind == "resumed":
+            self._gap_resumes.discard(frame.get("run_id", ""))
             resumed = self._resumes.pop(frame.get("run_id", ""), None)
             if resumed is not None and not resumed.done():
                 resumed.set_result(frame)
@@ -434,3 +458,12 @@ class RunwatchClient:
                     await self.ack(run.run_id, run.last_seq)
             else:
                 self.duplicates_dropped += 1
+            if run.has_gap and run.run_id not in self._gap_resumes:
+                # A seq is missing on a healthy socket (lost between replicas): the store
+                # has it, so resume from the last contiguous seq instead of waiting.
+                self._gap_resumes.add(run.run_id)
+                self.gap_resumes += 1
+                log.info("run %s: gap after seq %d; resuming", run.run_id, run.last_seq)
+                await self._send(
+                    {"type": "resume", "run_id": run.run_id, "after_seq": run.last_seq}
+                )

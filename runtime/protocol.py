@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
 
+from .events import dumps as _dumps
+
 __all__ = [
     "CLOSE_REASONS",
     "MAX_FRAME_BYTES",
@@ -32,6 +34,7 @@ __all__ = [
     "Resume",
     "error_frame",
     "parse_client_frame",
+    "poisoned_field",
 ]
 
 PROTOCOL_VERSION = 1
@@ -131,8 +134,57 @@ class FrameError:
 def _ref_of(obj: dict[str, Any]) -> str | None:
     for key in ("client_msg_id", "run_id"):
         value = obj.get(key)
-        if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN:
+        if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN and not _is_poison(value):
             return value
+    return None
+
+
+def _is_poison(text: str) -> bool:
+    """True for a string no store or socket can hold: a NUL character or a lone UTF-16
+    surrogate (JSON escapes like ``"\\ud83d"`` decode to one; a valid pair decodes to a
+    single character and passes)."""
+    if "\x00" in text:
+        return True
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _field_name(path: tuple[str | int, ...]) -> str:
+    name = ""
+    for part in path:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            shown = (
+                part if not _is_poison(part) else part.encode("utf-8", "backslashreplace").decode()
+            )
+            name += shown if not name else f".{shown}"
+    return name or "frame"
+
+
+def poisoned_field(obj: Any) -> str | None:
+    """The name of the first string (value or key) in ``obj`` that carries a NUL character or
+    a lone surrogate, such as ``text`` or ``data.items[2]``; None when every string is clean.
+
+    Iterative, so a deeply nested frame cannot exhaust the stack."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _is_poison(value):
+                return _field_name(path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _is_poison(key):
+                    return _field_name((*path, key))
+                stack.append(((*path, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*path, i), item) for i, item in enumerate(value))
     return None
 
 
@@ -183,6 +235,14 @@ def parse_client_frame(text: str | bytes) -> ClientFrame | FrameError:
     if not isinstance(obj, dict):
         return FrameError(ProtocolErrorCode.INVALID_MESSAGE, "frame must be a JSON object")
     ref = _ref_of(obj)
+    poisoned = poisoned_field(obj)
+    if poisoned is not None:
+        # No client input reaches the store, or a socket, that they cannot hold (SPEC 3).
+        return FrameError(
+            ProtocolErrorCode.INVALID_MESSAGE,
+            f"'{poisoned}' contains a NUL character or a lone UTF-16 surrogate",
+            ref,
+        )
     kind = obj.get("type")
     if kind is None:
         return FrameError(ProtocolErrorCode.INVALID_MESSAGE, "frame has no 'type'", ref)
@@ -262,4 +322,7 @@ def pong_frame() -> dict[str, Any]:
 
 
 def dumps(frame: dict[str, Any]) -> str:
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+    """A server frame as JSON text that always encodes as UTF-8: a lone surrogate anywhere
+    (in a stored event or an echoed value) is written as an ASCII escape, never as a frame
+    the socket cannot send."""
+    return _dumps(frame)

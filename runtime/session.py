@@ -298,5 +298,11 @@ class Session:
                 "the audit store is temporarily unavailable; retry shortly",
                 ref,
             )
+        except Exception:
+            # A bug, not bad input: logged with its traceback, and only this socket closes
+            # (1011); the user's other tabs and runs are untouched.
+            log.exception("internal error handling a %s frame", type(frame).__name__)
+            self.conn.close(CloseCode.INTERNAL_ERROR)
+            return
         if error is not None:
             self._error(error)
