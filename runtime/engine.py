@@ -32,7 +32,7 @@ from .agents import AgentRegistry, ModelRound, RunTelemetry, ToolError
 from .events import ErrorCode, Event, now_us
 from .hub import Hub
 from .lifecycle import LifecycleError, RunLifecycle, RunOutcome
-from .metrics import RuntimeMetrics
+from .metrics import UNKNOWN_TOOL, RuntimeMetrics
 from .pipeline import Emitted, Outbox, RunSink
 from .store.recorder import AuditStore, RunInfo
 from .store.writer import AuditWriter
@@ -41,6 +41,9 @@ from .tools import ToolArgumentError, ToolRegistry
 __all__ = ["Engine", "EngineConfig"]
 
 log = logging.getLogger("runwatch.engine")
+
+#: An agent that never waits yields the event loop after this many emissions.
+YIELD_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class _ActiveRun:
     #: The hub's answer to "is an owner connection watching?", valid at ``watch_version``.
     watched_here: bool = False
     watch_version: int = -1
+    #: Emissions since the run's agent last gave the event loop a turn.
+    unyielded: int = 0
     supervisor: asyncio.Task[None] | None = None
     inner: asyncio.Future[str] | None = None
     #: Why the run is being stopped early (cancel, timeout, shutdown), if it is.
@@ -129,8 +134,10 @@ class _Context:
             return result
         finally:
             # I4: every tool_executing gets its tool_completed, also on error and cancel.
-            engine.metrics.tool_calls.labels(tool=name, status=status).inc()
-            engine.metrics.tool_duration.labels(tool=name).observe(time.monotonic() - started)
+            # A tool name the agent made up is not a label value: it counts as "unknown".
+            label = name if engine.tools.get(name) is not None else UNKNOWN_TOOL
+            engine.metrics.tool_calls.labels(tool=label, status=status).inc()
+            engine.metrics.tool_duration.labels(tool=label).observe(time.monotonic() - started)
             if status == "ok":
                 await engine._emit(
                     run, lambda lc: _complete_if_open(lc, call_id, result=_jsonable(result))
@@ -199,7 +206,15 @@ class Engine:
 
         The wait for outbox space comes before the events exist, so a cancel there emits
         nothing; once created, the events are queued with no await in between."""
-        await run.outbox.wait_space()
+        if run.outbox.full:
+            await run.outbox.wait_space()
+            run.unyielded = 0
+        elif run.unyielded >= YIELD_EVERY:
+            # An agent emitting in a tight loop still lets the loop breathe: other users'
+            # sends, client frames (a cancel) and the writer get their turn.
+            run.unyielded = 0
+            await asyncio.sleep(0)
+        run.unyielded += 1
         last: Emitted | None = None
         live = self._watched(run)
         for event in make(run.lc):

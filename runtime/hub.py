@@ -157,14 +157,10 @@ class Connection:
         #: Set when the hub closes the connection, so its reader stops at once.
         self.done = asyncio.Event()
         self._queue: deque[_Outgoing] = deque()
-        self._wakeup = asyncio.Event()
         self._writable = asyncio.Event()
         self._emptied = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._sender = asyncio.create_task(self._send_loop(), name=f"runwatch-send-{self.id}")
 
     # ---- enqueueing ---------------------------------------------------------------------
 
@@ -189,63 +185,76 @@ class Connection:
             return
         self.queued_bytes += size
         self._queue.append(item)
-        self._wakeup.set()
+        if self._sender is None:
+            # The sender runs only while there is something to send: an idle connection
+            # holds no task for it.
+            self._sender = asyncio.create_task(self._send_loop(), name=f"runwatch-send-{self.id}")
 
     async def _send_loop(self) -> None:
         counters = self.hub.counters
         metrics = self.hub.metrics
         record = self.hub.recorder.record_receipt
         send_seconds = metrics.send_seconds.observe
+        # Counted per burst, not per frame: one metric update per type and burst.
+        sent: dict[str, int] = {}
+        replayed = unflushed = 0
         try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                # Counted per burst, not per frame: one metric update per type and burst.
-                sent: dict[str, int] = {}
-                replayed = 0
-                try:
-                    while self._queue:
-                        item = self._queue[0]
-                        await self.transport.send_text(item.text)
-                        self._queue.popleft()
-                        self.queued_bytes -= len(item.text)
-                        if self.queued_bytes <= self.max_queue_bytes // 2:
-                            self._writable.set()
-                        event = item.event
-                        if event is None:
-                            continue
-                        now = now_us()
-                        kind = event.type.value
-                        sent[kind] = sent.get(kind, 0) + 1
-                        if item.replayed:
-                            replayed += 1
-                        elif item.live:
-                            send_seconds(max(0, now - event.ts_us) / 1e6)
-                        if event.seq > self.sent.get(event.run_id, 0):
-                            self.sent[event.run_id] = event.seq
-                        record(
-                            Receipt(
-                                event.event_id,
-                                event.run_id,
-                                event.seq,
-                                self.id,
-                                self.user_id,
-                                now,
-                                None,
-                                item.replayed,
-                            )
-                        )
-                finally:
-                    for kind, count in sent.items():
-                        counters.sent[kind].inc(count)
-                    if replayed:
-                        metrics.replayed_events.inc(replayed)
-                self._emptied.set()
+            while self._queue:
+                item = self._queue[0]
+                await self.transport.send_text(item.text)
+                self._queue.popleft()
+                self.queued_bytes -= len(item.text)
+                if self.queued_bytes <= self.max_queue_bytes // 2:
+                    self._writable.set()
+                event = item.event
+                if event is None:
+                    continue
+                now = now_us()
+                kind = event.type.value
+                sent[kind] = sent.get(kind, 0) + 1
+                if item.replayed:
+                    replayed += 1
+                elif item.live:
+                    send_seconds(max(0, now - event.ts_us) / 1e6)
+                if event.seq > self.sent.get(event.run_id, 0):
+                    self.sent[event.run_id] = event.seq
+                record(
+                    Receipt(
+                        event.event_id,
+                        event.run_id,
+                        event.seq,
+                        self.id,
+                        self.user_id,
+                        now,
+                        None,
+                        item.replayed,
+                    )
+                )
+                unflushed += 1
+                if unflushed >= 256:
+                    replayed = self._count_sent(sent, replayed, counters, metrics)
+                    unflushed = 0
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the socket went away under us
             log.debug("send to %s failed: %r", self.id, exc)
             self.close(CloseCode.GOING_AWAY, send=False)
+        finally:
+            self._count_sent(sent, replayed, counters, metrics)
+            if self._sender is asyncio.current_task():
+                self._sender = None
+            self._emptied.set()
+
+    @staticmethod
+    def _count_sent(
+        sent: dict[str, int], replayed: int, counters: _TypeCounters, metrics: RuntimeMetrics
+    ) -> int:
+        for kind, count in sent.items():
+            counters.sent[kind].inc(count)
+        sent.clear()
+        if replayed:
+            metrics.replayed_events.inc(replayed)
+        return 0
 
     # ---- closing ------------------------------------------------------------------------
 
@@ -374,7 +383,6 @@ class Hub:
         conns.add(conn)
         self.version += 1
         self.metrics.connections_open.inc()
-        conn.start()
         if self.remote is not None and len(conns) == 1:
             self.remote.presence_changed(self.users())
         return conn

@@ -35,6 +35,10 @@ class Outbox:
         self._space = asyncio.Event()
         self._space.set()
 
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.limit
+
     async def wait_space(self) -> None:
         """Return once the outbox has room for one more event."""
         while self.pending >= self.limit:

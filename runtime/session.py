@@ -189,14 +189,18 @@ class Session:
         server.deliveries.connection_opened(
             ConnectionOpen(conn.id, self.user_id, self.config.instance_id, self.client, now_us())
         )
-        expiry = asyncio.create_task(self._expire_at(self.identity.expires_at))
+        # A timer, not a task: an idle connection costs no coroutine for its expiry.
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_at(
+            loop.time() + max(0.0, self.identity.expires_at - time.time()), self._expired
+        )
         try:
             try:
                 active = await self.runs.active_runs(self.user_id)
             except StoreError:
                 active = []
             conn.send_frame(connected_frame(conn.id, self.user_id, self.config.heartbeat_s, active))
-            await self._receive_loop()
+            await self._receive_frames()
         finally:
             expiry.cancel()
             code = conn.close_code if conn.close_code is not None else self.close_code
@@ -205,36 +209,25 @@ class Session:
             server.deliveries.connection_closed(ConnectionClose(conn.id, now_us(), int(code)))
             await conn.wait_closed()
 
-    async def _expire_at(self, expires_at: float) -> None:
-        await asyncio.sleep(max(0.0, expires_at - time.time()))
+    def _expired(self) -> None:
         # A connection does not outlive its token: reconnect with a fresh one and resume.
         self.conn.close(CloseCode.UNAUTHORIZED)
 
-    async def _receive_loop(self) -> None:
-        closed: asyncio.Future[Any] = asyncio.ensure_future(self.conn.done.wait())
-        try:
-            await self._receive_frames(closed)
-        finally:
-            closed.cancel()
-
-    async def _receive_frames(self, closed: asyncio.Future[Any]) -> None:
+    async def _receive_frames(self) -> None:
+        """Read and answer frames in order. Every frame already received is handled without
+        yielding in between, so a client's frames (a cancel behind many acks) are answered at
+        the speed they arrive. Once the hub closed the connection (slow consumer, expiry),
+        nothing more is handled; the read ends when the socket does."""
+        conn = self.conn
         while True:
-            receive = asyncio.ensure_future(self.ws.receive())
-            await asyncio.wait([receive, closed], return_when=asyncio.FIRST_COMPLETED)
-            if not receive.done():
-                # The hub closed this connection (slow consumer, expiry): stop reading now.
-                receive.cancel()
-                with contextlib.suppress(BaseException):
-                    await receive
-                return
             try:
-                message = receive.result()
+                message = await self.ws.receive()
             except (WebSocketDisconnect, RuntimeError):
                 return
             if message["type"] == "websocket.disconnect":
                 self.close_code = int(message.get("code") or CloseCode.NORMAL)
                 return
-            if self.conn.closed:
+            if conn.closed:
                 return
             raw = _frame_text(message)
             if raw is None:
@@ -242,10 +235,10 @@ class Session:
             if len(raw) > MAX_FRAME_BYTES or (
                 isinstance(raw, str) and len(raw.encode("utf-8")) > MAX_FRAME_BYTES
             ):
-                self.conn.close(CloseCode.FRAME_TOO_BIG)
+                conn.close(CloseCode.FRAME_TOO_BIG)
                 return
             await self._handle(raw)
-            if self.conn.closed:
+            if conn.closed:
                 return
 
     def _error(self, err: FrameError) -> None:
