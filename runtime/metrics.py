@@ -36,6 +36,7 @@ __all__ = [
     "RESUME_RESULTS",
     "RUN_OUTCOMES",
     "TOOL_STATUSES",
+    "UNKNOWN_TOOL",
     "ClosedLabel",
     "RuntimeMetrics",
 ]
@@ -60,6 +61,8 @@ EVENT_TYPES: tuple[str, ...] = tuple(t.value for t in EventType)
 RUN_OUTCOMES: tuple[str, ...] = RunOutcome.ALL
 #: ``status`` of ``runwatch_tool_calls_total``.
 TOOL_STATUSES: tuple[str, ...] = ("ok", "error")
+#: The ``tool`` label of a call to a tool that is not registered (an agent's invention).
+UNKNOWN_TOOL = "unknown"
 #: ``result`` of ``runwatch_connections_total`` (set in ``runtime/session.py``).
 CONNECTION_RESULTS: tuple[str, ...] = (
     "accepted",
@@ -295,3 +298,4 @@ class RuntimeMetrics:
             self.agent_registered(name)
         for name in tools:
             self.tool_registered(name)
+        self.tool_registered(UNKNOWN_TOOL)

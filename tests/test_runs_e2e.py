@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from prometheus_client import generate_latest
+
+from runtime.agents import AgentRegistry, RunContext, ToolError
 from runtime.client import RunwatchClient
 from runtime.events import EventType
 
@@ -190,3 +193,28 @@ async def test_runs_before_connect_are_listed_and_resumable(live: LiveServer) ->
     replayed = await later.resume(run.run_id, 0)
     await replayed.wait(5)
     assert [e.event_id for e in replayed.events] == [e.event_id for e in events]
+
+
+async def test_a_made_up_tool_is_counted_as_unknown(tmp_path: Path) -> None:
+    async def inventive(ctx: RunContext) -> str:
+        await ctx.think("calling a tool that does not exist")
+        try:
+            await ctx.tool("no_such_tool_" + ctx.run_id, {})
+        except ToolError as exc:
+            return f"could not: {exc.message}"
+        return "unexpected"
+
+    agents = AgentRegistry.with_builtins()
+    agents.register("inventive", inventive)
+    settings = make_settings(sqlite_url(tmp_path / "rw.db"))
+    async with serve_runtime(settings, agents=agents) as live:
+        client = await live.client("alice")
+        run = await client.chat("go", agent="inventive")
+        events = [e async for e in run]
+        assert_valid(events)
+        completed = [e for e in events if e.type == EventType.TOOL_COMPLETED]
+        assert completed[0].data["status"] == "error"
+        # The invented name is not a label: the call counts under "unknown", no series added.
+        assert live.metric("runwatch_tool_calls_total", {"tool": "unknown", "status": "error"}) == 1
+        exposed = generate_latest(live.rt.registry).decode()
+        assert "no_such_tool_" not in exposed
