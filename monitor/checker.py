@@ -251,7 +251,8 @@ class _Outcome:
     drop: list[dict[str, Any]] = field(default_factory=list)
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     violations: list[dict[str, Any]] = field(default_factory=list)
-    judged: list[tuple[str, list[Violation]]] = field(default_factory=list)
+    #: The violations of each run judged, for the metrics.
+    judged: list[list[Violation]] = field(default_factory=list)
 
 
 class _Superseded(Exception):
@@ -262,7 +263,7 @@ class _Superseded(Exception):
 
 
 class Checker:
-    """Judges runs from the store; :meth:`step` is one pass, :meth:`run` loops."""
+    """Judges runs from the store; :meth:`step` is one pass, :meth:`start` loops them."""
 
     def __init__(
         self,
@@ -298,8 +299,10 @@ class Checker:
                 "checker %s: another checker committed first; pass again", self.config.consumer
             )
             return PassResult(more=True)
-        for verdict_violations in outcome.judged:
-            self._count(*verdict_violations)
+        for violations in outcome.judged:  # counted once committed
+            self.metrics.runs_checked.labels(verdict="fail" if violations else "pass").inc()
+            for v in violations:
+                self.metrics.violations.labels(rule=v.rule.value).inc()
         self.metrics.lag_seconds.set(snapshot.lag_s)
         self.metrics.open_runs.set(result.pending - result.stuck)
         self.metrics.stuck_runs.set(result.stuck)
@@ -460,7 +463,7 @@ class Checker:
                 )
             elif c.run_id in stuck_now:
                 out.mark_judged.append({"b_run": c.run_id})
-        for _run_id, violations in out.judged:
+        for violations in out.judged:
             result.judged += 1
             result.failed += bool(violations)
             result.violations += len(violations)
@@ -503,12 +506,7 @@ class Checker:
             }
             for v in violations
         ]
-        out.judged.append((run.run_id, violations))
-
-    def _count(self, _run_id: str, violations: list[Violation]) -> None:
-        self.metrics.runs_checked.labels(verdict="fail" if violations else "pass").inc()
-        for v in violations:
-            self.metrics.violations.labels(rule=v.rule.value).inc()
+        out.judged.append(violations)
 
     # ---- phase 3: write -----------------------------------------------------------------
 
