@@ -33,6 +33,7 @@ __all__ = [
     "PERSIST_BUCKETS",
     "PERSIST_SLO_S",
     "PROTOCOL_ERROR_CODES",
+    "REJECTED_KINDS",
     "RESUME_RESULTS",
     "RUN_OUTCOMES",
     "TOOL_STATUSES",
@@ -86,6 +87,9 @@ DELIVERY_FAILURE_REASONS: tuple[str, ...] = (
 )
 #: ``code`` of ``runwatch_protocol_errors_total``.
 PROTOCOL_ERROR_CODES: tuple[str, ...] = tuple(c.value for c in ProtocolErrorCode)
+#: ``kind`` of ``runwatch_audit_rejected_total``: what the store refused for good (set in
+#: ``runtime/store/writer.py``).
+REJECTED_KINDS: tuple[str, ...] = ("event", "run", "record")
 #: Counted in place of a label value outside its closed set.
 OTHER = "other"
 #: ``code`` of ``runwatch_disconnects_total``: the codes runwatch closes with, the two a
@@ -251,6 +255,29 @@ class RuntimeMetrics:
         self.store_up = Gauge(
             "runwatch_audit_store_up", "1 when the last audit store commit succeeded.", registry=r
         )
+        self.audit_rejected = Counter(
+            "runwatch_audit_rejected_total",
+            "Items the audit store refused for good (isolated from their batch), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.audit_writer_restarts = Counter(
+            "runwatch_audit_writer_restarts_total",
+            "Audit writer restarts after an unexpected error.",
+            registry=r,
+        )
+        self.audit_journal_errors = Counter(
+            "runwatch_audit_journal_errors_total",
+            "Failed appends to the local outage journal (full bound, full disk, I/O error).",
+            registry=r,
+        )
+        #: 1 while the audit writer has work it cannot make progress on (``/readyz`` is 503);
+        #: the writer sets its function (see ``AuditWriter``).
+        self.audit_writer_stalled = Gauge(
+            "runwatch_audit_writer_stalled",
+            "1 while the audit writer has pending events and has made no progress for a while.",
+            registry=r,
+        )
         self.build_info = Info("runwatch_build", "runwatch version.", registry=r)
         self.build_info.info({"version": version})
         self.store_up.set(1)
@@ -276,6 +303,8 @@ class RuntimeMetrics:
             self.disconnects.labels(code=code)
         for result in RESUME_RESULTS:
             self.resumes.labels(result=result)
+        for kind in REJECTED_KINDS:
+            self.audit_rejected.labels(kind=kind)
         for code in PROTOCOL_ERROR_CODES:
             self.protocol_errors.labels(code=code)
 

@@ -29,7 +29,7 @@ from .auth import AuthError, TokenAuthority, valid_user_id
 from .broker import RedisBroker
 from .config import Settings
 from .engine import Engine, EngineConfig
-from .events import Event, now_us
+from .events import ErrorCode, Event, now_us
 from .hub import Hub
 from .metrics import RuntimeMetrics
 from .pipeline import Fanout, RunSink
@@ -49,6 +49,10 @@ __all__ = ["Runtime", "create_app", "is_loopback"]
 log = logging.getLogger("runwatch.server")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+#: How long shutdown waits for the audit writer after the runs are ended (docs/operations.md:
+#: shutdown takes at most RUNWATCH_DRAIN_S + 10 s for runs to unwind + this).
+SHUTDOWN_FLUSH_S = 5.0
 
 
 def _safe_name(name: str) -> str:
@@ -157,6 +161,8 @@ class Runtime:
             ),
             telemetry=tracer,
         )
+        # An event the store refuses for good is replaced by a stand-in; its run ends (I8).
+        self.writer.on_rejected = lambda run_id: self.engine.cancel(run_id, ErrorCode.INTERNAL)
         metrics.registered(agents=self.engine.agents.names(), tools=self.engine.tools.names())
         self.runs = RunService(
             self.store,
@@ -228,9 +234,20 @@ class Runtime:
         self.accepting = False
         drain = self.settings.drain_s if drain_s is None else drain_s
         ended = await self.engine.drain(drain)
-        if ended:
+        # Bounded (docs/operations.md): a writer that cannot make progress must not hold the
+        # process; what it did not write was never sent, and recovery ends those runs.
+        flushed = await self.writer.flush(timeout=SHUTDOWN_FLUSH_S)
+        if ended and flushed:
             log.warning("shutdown: ended %d run(s) with runtime_restarted", ended)
-        await self.writer.flush(timeout=30)
+        elif not flushed:
+            log.error(
+                "shutdown: %d event(s) and new run(s) could not be written within %gs; they "
+                "were never sent, and their runs (%d cut short here) are ended with "
+                "runtime_restarted by recovery at the next start",
+                self.writer.urgent_pending,
+                SHUTDOWN_FLUSH_S,
+                ended,
+            )
         await self.hub.close_all(CloseCode.SERVER_RESTARTING)
         if self.broker is not None:
             await self.broker.close()
@@ -240,7 +257,7 @@ class Runtime:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self.writer.close()
+        await self.writer.close(timeout=1.0 if flushed else 0)
         await self.store.close()
 
 
@@ -294,13 +311,29 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
+        writer = rt.writer.status()
         try:
-            await rt.store.ping()
+            await asyncio.wait_for(rt.store.ping(), rt.store.read_timeout_s)
         except Exception:
-            return JSONResponse({"status": "degraded", "store": "unavailable"}, status_code=503)
-        status = "ok" if rt.accepting else "draining"
+            body = {"status": "degraded", "store": "unavailable", "writer": writer}
+            return JSONResponse(body, status_code=503)
+        ok = rt.accepting and writer["state"] != "stalled"
+        status = "draining" if not rt.accepting else "ok" if ok else "stalled"
         return JSONResponse(
-            {"status": status, "version": __version__}, status_code=200 if rt.accepting else 503
+            {"status": status, "version": __version__, "writer": writer},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        """Whether this replica should get traffic: it accepts, and its audit writer makes
+        progress (into the store, or the journal during an outage). Reads nothing."""
+        writer = rt.writer.status()
+        ready = rt.accepting and writer["state"] != "stalled"
+        reason = None if ready else "draining" if not rt.accepting else "audit writer stalled"
+        return JSONResponse(
+            {"ready": ready, "reason": reason, "writer": writer},
+            status_code=200 if ready else 503,
         )
 
     @app.post("/dev/token", include_in_schema=False)
