@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -14,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn._compat import asyncio_run
 
 from . import __version__
 from .config import ConfigError, Settings
@@ -80,6 +83,54 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(2) from None
 
 
+def _listen(host: str, port: int) -> socket.socket | None:
+    """Bind the listening socket before anything else happens (SPEC section 9): a second
+    server on a taken port stops here, before it touches the store."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        print(f"runwatch: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return None
+    family, kind, proto, _name, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = (
+            "another process (another runwatch?) is using it; stop it or pick --port"
+            if exc.errno == errno.EADDRINUSE
+            else exc.strerror
+        )
+        print(f"runwatch: cannot listen on {host}:{port}: {hint}", file=sys.stderr)
+        return None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run_server(server: uvicorn.Server, sock: socket.socket, runtime: Any) -> int:
+    """Serve on the bound socket; a runtime first takes its instance lease (before recovery,
+    which runs in the app's startup)."""
+    from .lease import LeaseHeld
+
+    async def main() -> int:
+        if runtime is not None:
+            try:
+                await runtime.lease.acquire()
+            except LeaseHeld as exc:
+                print(f"runwatch: {exc}", file=sys.stderr)
+                await runtime.store.close()
+                return 2
+        await server.serve(sockets=[sock])
+        return 0 if server.started else 1
+
+    try:
+        return asyncio_run(main(), loop_factory=server.config.get_loop_factory())
+    finally:
+        sock.close()
+
+
 def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) -> int:
     from .server import Runtime, create_app, is_loopback
     from .store.migrate import upgrade
@@ -98,6 +149,9 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
             "DEV MODE: RUNWATCH_JWT_SECRET is not set. POST /dev/token hands out tokens for any "
             "user and the monitor is open without RUNWATCH_ADMIN_TOKEN. Never expose this server."
         )
+    sock = _listen(args.host, args.port)
+    if sock is None:
+        return 2
     if args.migrate:
         upgrade(settings.database_url)
     rt = None
@@ -130,11 +184,8 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    if rt is not None:
-        _GracefulServer(config, rt).run()
-    else:
-        uvicorn.Server(config).run()
-    return 0
+    server = _GracefulServer(config, rt) if rt is not None else uvicorn.Server(config)
+    return _run_server(server, sock, rt)
 
 
 def _token(args: argparse.Namespace) -> int:

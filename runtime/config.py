@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -21,7 +22,9 @@ class ConfigError(ValueError):
 
 
 def _default_instance() -> str:
-    return socket.gethostname() or "runwatch"
+    """Unique per process (SPEC section 9: two live processes never share an instance id):
+    host name, pid and a random suffix, since a restarted container may get the same pid."""
+    return f"{socket.gethostname() or 'runwatch'}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Settings:
     chat_refill_per_s: float = 1.0
     send_queue_bytes: int = 1_048_576
     instance_id: str = field(default_factory=_default_instance)
+    #: Lifetime of the instance lease; a replica silent this long is taken over.
+    lease_ttl_s: float = 15.0
     redis_url: str | None = None
     redis_channel: str = "runwatch:fanout"
     data_dir: str = "./runwatch-data"

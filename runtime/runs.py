@@ -11,6 +11,7 @@ parsed frames and writes what it answers; other transports use it the same way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,6 +63,7 @@ class RunService:
         instance_id: str,
         run_timeout_s: float,
         remote: RemoteCancel | None = None,
+        orphans: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.writer = writer
@@ -72,6 +74,21 @@ class RunService:
         self.instance_id = instance_id
         self.run_timeout_s = run_timeout_s
         self.remote = remote
+        #: Ends a dead replica's open runs at once (given its instance id); see lease.py.
+        self.orphans = orphans
+
+    async def _settle_orphan(self, run: RunInfo) -> RunInfo:
+        """A run that is open and owned by another instance: if that replica is dead, its
+        runs end now (runtime_restarted), so a cancel or resume of it answers at once."""
+        if (
+            run.ended_us is None
+            and run.instance_id != self.instance_id
+            and self.orphans is not None
+            and run.run_id not in self.engine.active
+        ):
+            await self.orphans(run.instance_id)
+            return await self.store.get_run(run.run_id) or run
+        return run
 
     async def owned_run(self, user_id: str, run_id: str) -> RunInfo | None:
         run = await self.store.get_run(run_id)
@@ -143,6 +160,7 @@ class RunService:
         if run is None:
             self.metrics.resumes.labels(result="not_found").inc()
             return _not_found(run_id)
+        run = await self._settle_orphan(run)
         # Buffer live events first, then read the store: an event is either in the replay
         # or in the buffer (or both, and then sent once), never in neither.
         buffer = self.hub.begin_resume(conn, run.run_id)
@@ -177,6 +195,7 @@ class RunService:
         run = await self.owned_run(user_id, run_id)
         if run is None:
             return _not_found(run_id)
+        run = await self._settle_orphan(run)
         if run.ended_us is None and self.remote is not None:
             await self.remote.cancel(run_id)
         # A run that has ended: the cancel is ignored.

@@ -31,6 +31,7 @@ from .config import Settings
 from .engine import Engine, EngineConfig
 from .events import ErrorCode, Event, now_us
 from .hub import Hub
+from .lease import InstanceLease
 from .metrics import RuntimeMetrics
 from .pipeline import Fanout, RunSink
 from .protocol import CloseCode
@@ -113,6 +114,9 @@ class Runtime:
         self.metrics = metrics = RuntimeMetrics(self.registry, version=__version__)
         self.tokens = TokenAuthority(settings.jwt_secret, leeway_s=settings.jwt_leeway_s)
         self.store = store if store is not None else AuditStore.open(settings.database_url)
+        self.lease = InstanceLease(
+            self.store, settings.instance_id, ttl_s=settings.lease_ttl_s, registry=self.registry
+        )
         self.deliveries = deliveries = DeliveryLog()
         # Traces (SPEC section 11): None unless OTEL_EXPORTER_OTLP_* is set.
         self.tracer = tracer = build_tracer(settings, TraceMetrics(self.registry))
@@ -174,6 +178,7 @@ class Runtime:
             instance_id=settings.instance_id,
             run_timeout_s=settings.run_timeout_s,
             remote=self.broker,
+            orphans=self._reap_instance,
         )
         self.sockets = SocketServer(
             SessionConfig(
@@ -207,16 +212,32 @@ class Runtime:
         ):
             self.deliveries.settle(run_id, now_us())
 
+    async def _take_over(self, instance_id: str) -> int:
+        return await self.engine.recover(instance_id)
+
+    async def _reap_instance(self, instance_id: str) -> None:
+        """A user touched a run of another instance: if that replica is dead, end its runs
+        now instead of at the next reaper pass (I8)."""
+        await self.lease.reap(self._take_over, only=instance_id)
+
     async def start(self) -> None:
+        # SPEC section 9: the port is bound (runwatch's CLI binds it before the app starts),
+        # then the instance lease is held, and only then is anything recovered.
+        if not self.lease.held:
+            await self.lease.acquire()
         self.writer.start()
         if self.writer.degraded:
             # Events a crashed process journaled go to the store before recovery reads it.
             log.warning("draining the outage journal into the store before recovery")
             await self.writer.wait_journal_drained()
         await self.engine.recover(self.settings.instance_id)
+        await self.lease.reap(self._take_over)
         if self.broker is not None:
             await self.broker.start(_Inbound(self.hub, self.engine))
         self._background.append(asyncio.create_task(self._sweeper(), name="runwatch-sweeper"))
+        self._background.append(
+            asyncio.create_task(self.lease.keep(self._take_over), name="runwatch-lease")
+        )
         for hook in self.on_start:
             await hook()
 
@@ -258,6 +279,9 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.writer.close(timeout=1.0 if flushed else 0)
+        # Every local run has ended: nothing is left for a survivor to take over.
+        with contextlib.suppress(Exception):
+            await self.lease.release()
         await self.store.close()
 
 

@@ -20,7 +20,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "ConnectionRow", "DeliveryRow", "EventRow", "RunRow", "ThreadRow"]
+__all__ = [
+    "Base",
+    "ConnectionRow",
+    "DeliveryRow",
+    "EventRow",
+    "InstanceLeaseRow",
+    "RunRow",
+    "ThreadRow",
+]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -116,3 +124,21 @@ class ConnectionRow(Base):
     opened_us: Mapped[int] = mapped_column(BigInteger)
     closed_us: Mapped[int | None] = mapped_column(BigInteger, default=None)
     close_code: Mapped[int | None] = mapped_column(Integer, default=None)
+
+
+class InstanceLeaseRow(Base):
+    """A runtime instance's lease on its id (SPEC section 9): held by one live process, renewed
+    before ``expires_us``. A lease that expires belongs to a dead replica: a survivor claims it
+    (compare-and-set on ``holder`` and ``expires_us``), ends its open runs, and deletes it."""
+
+    __tablename__ = "instance_leases"
+
+    instance_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    #: A random token per process (or per takeover): who holds the lease now.
+    holder: Mapped[str] = mapped_column(String(64))
+    #: Where the holder runs: host name, boot id and pid namespace, so that a process on the
+    #: same host can tell at once that a holder's pid is gone.
+    host: Mapped[str] = mapped_column(String(300))
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_us: Mapped[int] = mapped_column(BigInteger)
+    expires_us: Mapped[int] = mapped_column(BigInteger)

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ..events import Event, EventType, Receipt, dumps
 from .errors import INT32_MAX, StoreError, StoreRejected, StoreUnavailable, translate
-from .models import ConnectionRow, DeliveryRow, EventRow, RunRow, ThreadRow
+from .models import ConnectionRow, DeliveryRow, EventRow, InstanceLeaseRow, RunRow, ThreadRow
 
 __all__ = [
     "AckUpdate",
@@ -43,6 +43,7 @@ __all__ = [
     "Batch",
     "ConnectionClose",
     "ConnectionOpen",
+    "Lease",
     "RunInfo",
     "StoreError",
     "StoreRejected",
@@ -114,6 +115,18 @@ class ConnectionClose:
     connection_id: str
     closed_us: int
     close_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One row of ``instance_leases`` (see :mod:`runtime.lease`)."""
+
+    instance_id: str
+    holder: str
+    host: str
+    pid: int
+    acquired_us: int
+    expires_us: int
 
 
 @dataclass
@@ -425,6 +438,88 @@ class AuditStore:
                 raise translate(exc) from exc
         async with self._tx() as conn:
             return await conn.run_sync(_write_batch, self._insert, batch, committed_us)
+
+    # ---- instance leases (runtime/lease.py holds the policy) ---------------------------
+
+    async def get_lease(self, instance_id: str) -> Lease | None:
+        async with self._read() as conn:
+            res = await conn.execute(
+                select(InstanceLeaseRow).where(InstanceLeaseRow.instance_id == instance_id)
+            )
+            row = res.first()
+        if row is None:
+            return None
+        return Lease(
+            row.instance_id, row.holder, row.host, row.pid, row.acquired_us, row.expires_us
+        )
+
+    async def claim_lease(self, lease: Lease, *, replacing: Lease | None) -> bool:
+        """Take ``lease.instance_id`` for ``lease.holder``; True when this call won.
+
+        ``replacing`` None: only when no row exists. Otherwise a compare-and-set on the row
+        as it was read (holder and expiry), so of several claimants exactly one wins, and a
+        holder that renewed in between keeps its lease."""
+        async with self._tx() as conn:
+            if replacing is None:
+                res = await conn.execute(
+                    self._insert(InstanceLeaseRow)
+                    .values(
+                        instance_id=lease.instance_id,
+                        holder=lease.holder,
+                        host=lease.host,
+                        pid=lease.pid,
+                        acquired_us=lease.acquired_us,
+                        expires_us=lease.expires_us,
+                    )
+                    .on_conflict_do_nothing(index_elements=["instance_id"])
+                )
+            else:
+                res = await conn.execute(
+                    update(InstanceLeaseRow)
+                    .where(
+                        InstanceLeaseRow.instance_id == lease.instance_id,
+                        InstanceLeaseRow.holder == replacing.holder,
+                        InstanceLeaseRow.expires_us == replacing.expires_us,
+                    )
+                    .values(
+                        holder=lease.holder,
+                        host=lease.host,
+                        pid=lease.pid,
+                        acquired_us=lease.acquired_us,
+                        expires_us=lease.expires_us,
+                    )
+                )
+            return (res.rowcount or 0) == 1
+
+    async def renew_lease(self, instance_id: str, holder: str, expires_us: int) -> bool:
+        """Extend a lease this holder still has; False when it was lost."""
+        async with self._tx() as conn:
+            res = await conn.execute(
+                update(InstanceLeaseRow)
+                .where(
+                    InstanceLeaseRow.instance_id == instance_id,
+                    InstanceLeaseRow.holder == holder,
+                )
+                .values(expires_us=expires_us)
+            )
+            return (res.rowcount or 0) == 1
+
+    async def release_lease(self, instance_id: str, holder: str) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                delete(InstanceLeaseRow).where(
+                    InstanceLeaseRow.instance_id == instance_id,
+                    InstanceLeaseRow.holder == holder,
+                )
+            )
+
+    async def open_run_instances(self) -> list[str]:
+        """The instance ids that own at least one open run."""
+        async with self._read() as conn:
+            res = await conn.execute(
+                select(RunRow.instance_id).where(RunRow.ended_us.is_(None)).distinct()
+            )
+            return sorted(r[0] for r in res)
 
     # ---- retention ----------------------------------------------------------------------
 
