@@ -191,9 +191,10 @@ class Session:
         )
         # A timer, not a task: an idle connection costs no coroutine for its expiry.
         loop = asyncio.get_running_loop()
-        expiry = loop.call_at(
-            loop.time() + max(0.0, self.identity.expires_at - time.time()), self._expired
-        )
+        # The token's exp plus the leeway its verification allowed (docs/protocol.md): a
+        # token accepted inside the leeway is not closed at once.
+        lifetime = self.identity.expires_at + self.server.tokens.leeway_s - time.time()
+        expiry = loop.call_at(loop.time() + max(0.0, lifetime), self._expired)
         try:
             try:
                 active = await self.runs.active_runs(self.user_id)

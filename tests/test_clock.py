@@ -1,0 +1,30 @@
+"""Clocks (issue #11 item 7): the token expiry timer honours the leeway that verification
+allows (docs/protocol.md), so a token accepted inside it is not closed at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import websockets
+
+from .conftest import LiveServer
+
+
+async def test_a_token_inside_the_leeway_stays_open_until_the_leeway_ends(
+    live: LiveServer,
+) -> None:
+    live.rt.tokens.leeway_s = 2.0
+    # Expired a second ago: still accepted (leeway 2 s), and closed about a second later.
+    token = live.rt.tokens.mint("alice", ttl_s=-1)
+    async with websockets.connect(live.ws_url) as ws:
+        await ws.send(json.dumps({"type": "connect", "token": token}))
+        assert json.loads(await ws.recv())["type"] == "connected"
+        opened = time.monotonic()
+        await ws.send('{"type":"ping"}')
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5)) == {"type": "pong"}
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        lived = time.monotonic() - opened
+    assert ws.close_code == 4401
+    assert 0.3 < lived < 4.0, lived
