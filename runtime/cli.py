@@ -220,21 +220,48 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Shorter retention than this deletes runs a user may still be reading: --force required.
+MIN_PURGE_AGE_S = 3600.0
+
+
+def _store_name(url: str) -> str:
+    """The database URL as shown to an operator: no password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
 def _purge(args: argparse.Namespace) -> int:
     from .store.recorder import AuditStore
 
     settings = _settings(args)
+    if args.older_than < MIN_PURGE_AGE_S and not args.force:
+        print(
+            f"runwatch: refusing to purge runs younger than 1h (--older-than "
+            f"{args.older_than:g}s would delete recent runs); add --force if you mean it",
+            file=sys.stderr,
+        )
+        return 2
     before_us = int((time.time() - args.older_than) * 1_000_000)
 
     async def run() -> dict[str, int]:
         store = AuditStore.open(settings.database_url)
         try:
-            return await store.purge(before_us)
+            return await store.purge(before_us, dry_run=args.dry_run)
         finally:
             await store.close()
 
     counts = asyncio.run(run())
-    print("runwatch: purged {runs} runs, {events} events, {deliveries} deliveries".format(**counts))
+    verb = "would purge" if args.dry_run else "purged"
+    print(
+        f"runwatch: {verb} {{runs}} runs, {{events}} events, {{deliveries}} deliveries, "
+        "{verdicts} verdicts, {violations} violations from {store}".format(
+            store=_store_name(settings.database_url), **counts
+        )
+    )
     return 0
 
 
@@ -346,11 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "purge",
         "delete ended runs older than a duration",
-        "Retention: delete ended runs (with their events and deliveries) older than the duration.",
+        "Retention: delete ended runs older than the duration with everything of them (events, "
+        "deliveries, the monitor's verdicts and violations), in one transaction.",
     )
     p.add_argument(
         "--older-than", type=parse_duration, required=True, help="a duration such as 30d or 12h"
     )
+    p.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
+    p.add_argument("--force", action="store_true", help="allow --older-than under 1h")
     p = command(
         "check",
         "judge stored runs; exit 1 on any violation",

@@ -22,16 +22,19 @@ from sqlalchemy import (
     Engine,
     and_,
     bindparam,
+    column,
     create_engine,
     delete,
     event,
     func,
     select,
+    table,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.expression import TableClause
 
 from ..events import Event, EventType, Receipt, dumps
 from .errors import INT32_MAX, StoreError, StoreRejected, StoreUnavailable, translate
@@ -523,8 +526,11 @@ class AuditStore:
 
     # ---- retention ----------------------------------------------------------------------
 
-    async def purge(self, before_us: int) -> dict[str, int]:
-        """Delete ended runs created before ``before_us`` with their events and receipts."""
+    async def purge(self, before_us: int, *, dry_run: bool = False) -> dict[str, int]:
+        """Delete ended runs created before ``before_us`` and everything of them: events,
+        deliveries, and the monitor's verdicts, violations and pending marks, in one
+        transaction (the monitor never lists a run that no longer exists). ``dry_run``
+        counts what would go and deletes nothing."""
         async with self._tx() as conn:
             res = await conn.execute(
                 select(RunRow.run_id).where(
@@ -532,14 +538,29 @@ class AuditStore:
                 )
             )
             run_ids = [r[0] for r in res]
-            counts = {"runs": 0, "events": 0, "deliveries": 0}
+            counts = dict.fromkeys(("runs", "events", "deliveries", "verdicts", "violations"), 0)
+            # Children first, the runs last.
+            tables: dict[str, TableClause] = {
+                "deliveries": _by_run("deliveries"),
+                "events": _by_run("events"),
+                "violations": _by_run("violations"),
+                "verdicts": _by_run("verdicts"),
+                "pending": _by_run("monitor_pending"),
+                "runs": _by_run("runs"),
+            }
             for chunk in _chunks(run_ids, 500):
-                d = await conn.execute(delete(DeliveryRow).where(DeliveryRow.run_id.in_(chunk)))
-                e = await conn.execute(delete(EventRow).where(EventRow.run_id.in_(chunk)))
-                r = await conn.execute(delete(RunRow).where(RunRow.run_id.in_(chunk)))
-                counts["deliveries"] += d.rowcount or 0
-                counts["events"] += e.rowcount or 0
-                counts["runs"] += r.rowcount or 0
+                for name, table in tables.items():
+                    where = table.c.run_id.in_(chunk)
+                    if dry_run:
+                        n = (
+                            await conn.execute(select(func.count()).select_from(table).where(where))
+                        ).scalar_one()
+                    else:
+                        n = (await conn.execute(delete(table).where(where))).rowcount or 0
+                    if name in counts:
+                        counts[name] += int(n)
+            if dry_run:
+                return counts
             await conn.execute(
                 delete(ThreadRow).where(
                     ThreadRow.created_us < before_us,
@@ -552,6 +573,12 @@ class AuditStore:
                 )
             )
             return counts
+
+
+def _by_run(name: str) -> TableClause:
+    """A table with a ``run_id`` column, by name: the monitor's tables (monitor/models.py,
+    created by the runtime's migrations) too, without the store importing the monitor."""
+    return table(name, column("run_id"))
 
 
 def _write_batch(
