@@ -129,6 +129,28 @@ class _RunTrack:
 class Connection:
     """One authenticated socket of one user."""
 
+    # Slots: thousands of idle connections each carry only what they use.
+    __slots__ = (
+        "_closing",
+        "_queue",
+        "_sender",
+        "_waiters",
+        "acked",
+        "close_code",
+        "closed",
+        "dropped",
+        "follow_new_runs",
+        "hub",
+        "id",
+        "max_queue_bytes",
+        "queued_bytes",
+        "resuming",
+        "sent",
+        "subscribed",
+        "transport",
+        "user_id",
+    )
+
     def __init__(
         self,
         connection_id: str,
@@ -154,11 +176,11 @@ class Connection:
         self.acked: dict[str, int] = {}
         self.closed = False
         self.close_code: int | None = None
-        #: Set when the hub closes the connection, so its reader stops at once.
-        self.done = asyncio.Event()
-        self._queue: deque[_Outgoing] = deque()
-        self._writable = asyncio.Event()
-        self._emptied = asyncio.Event()
+        # Allocated while there is something to send: an idle connection holds no queue,
+        # no sender task and no waiters.
+        self._queue: deque[_Outgoing] | None = None
+        #: Waiters for the queue to drain to half (``wait_writable``) or empty (``drain``).
+        self._waiters: list[asyncio.Future[None]] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
 
@@ -177,14 +199,17 @@ class Connection:
         if self.closed:
             return
         size = len(item.text)
-        if self.queued_bytes + size > self.max_queue_bytes and self._queue:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        if self.queued_bytes + size > self.max_queue_bytes and queue:
             # The client is not reading: close it rather than buffer without bound.
             if item.event is not None:
                 self.dropped[item.event.run_id] = item.event.seq
             self.close(CloseCode.SLOW_CONSUMER)
             return
         self.queued_bytes += size
-        self._queue.append(item)
+        queue.append(item)
         if self._sender is None:
             # The sender runs only while there is something to send: an idle connection
             # holds no task for it.
@@ -198,14 +223,16 @@ class Connection:
         # Counted per burst, not per frame: one metric update per type and burst.
         sent: dict[str, int] = {}
         replayed = unflushed = 0
+        queue = self._queue
+        assert queue is not None
         try:
-            while self._queue:
-                item = self._queue[0]
+            while queue:
+                item = queue[0]
                 await self.transport.send_text(item.text)
-                self._queue.popleft()
+                queue.popleft()
                 self.queued_bytes -= len(item.text)
-                if self.queued_bytes <= self.max_queue_bytes // 2:
-                    self._writable.set()
+                if self._waiters and self.queued_bytes <= self.max_queue_bytes // 2:
+                    self._wake()
                 event = item.event
                 if event is None:
                     continue
@@ -243,7 +270,9 @@ class Connection:
             self._count_sent(sent, replayed, counters, metrics)
             if self._sender is asyncio.current_task():
                 self._sender = None
-            self._emptied.set()
+                if not queue:
+                    self._queue = None
+            self._wake()
 
     @staticmethod
     def _count_sent(
@@ -264,15 +293,14 @@ class Connection:
             return
         self.closed = True
         self.close_code = code
-        self.done.set()
         # Events queued for this connection and never written count as not delivered too.
-        for item in self._queue:
+        for item in self._queue or ():
             if item.event is not None and item.event.seq > self.dropped.get(item.event.run_id, 0):
                 self.dropped[item.event.run_id] = item.event.seq
-        self._queue.clear()
+        if self._queue is not None:
+            self._queue.clear()
         self.queued_bytes = 0
-        self._writable.set()
-        self._emptied.set()
+        self._wake()
         if self._sender is not None and self._sender is not asyncio.current_task():
             self._sender.cancel()
         if send:
@@ -285,19 +313,30 @@ class Connection:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.transport.close(code, reason), CLOSE_TIMEOUT_S)
 
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait_change(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        await waiter
+
     async def wait_writable(self) -> None:
         """Wait until the send queue is at most half full (or the connection closed)."""
         while not self.closed and self.queued_bytes > self.max_queue_bytes // 2:
-            self._writable.clear()
-            await self._writable.wait()
+            await self._wait_change()
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) until the send queue is empty: used before a graceful close."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 while self._queue and not self.closed:
-                    self._emptied.clear()
-                    await self._emptied.wait()
+                    await self._wait_change()
 
     async def wait_closed(self) -> None:
         if self._sender is not None:

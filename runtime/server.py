@@ -20,6 +20,7 @@ from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
 from .agents import AgentRegistry
@@ -258,9 +259,7 @@ class Runtime:
         # Bounded (docs/operations.md): a writer that cannot make progress must not hold the
         # process; what it did not write was never sent, and recovery ends those runs.
         flushed = await self.writer.flush(timeout=SHUTDOWN_FLUSH_S)
-        if ended and flushed:
-            log.warning("shutdown: ended %d run(s) with runtime_restarted", ended)
-        elif not flushed:
+        if not flushed and self.writer.urgent_pending:
             log.error(
                 "shutdown: %d event(s) and new run(s) could not be written within %gs; they "
                 "were never sent, and their runs (%d cut short here) are ended with "
@@ -269,6 +268,8 @@ class Runtime:
                 SHUTDOWN_FLUSH_S,
                 ended,
             )
+        elif ended:
+            log.warning("shutdown: ended %d run(s) with runtime_restarted", ended)
         await self.hub.close_all(CloseCode.SERVER_RESTARTING)
         if self.broker is not None:
             await self.broker.close()
@@ -283,6 +284,23 @@ class Runtime:
         with contextlib.suppress(Exception):
             await self.lease.release()
         await self.store.close()
+
+
+class SocketRoute:
+    """ASGI middleware: a WebSocket to ``path`` goes straight to ``serve``."""
+
+    def __init__(
+        self, app: ASGIApp, *, path: str, serve: Callable[[WebSocket], Awaitable[None]]
+    ) -> None:
+        self.app = app
+        self.path = path
+        self.serve = serve
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == self.path:
+            await self.serve(WebSocket(scope, receive, send))
+            return
+        await self.app(scope, receive, send)
 
 
 def create_app(rt: Runtime) -> FastAPI:
@@ -319,9 +337,9 @@ def create_app(rt: Runtime) -> FastAPI:
         )
     )
 
-    @app.websocket("/ws")
-    async def ws_endpoint(websocket: WebSocket) -> None:
-        await rt.sockets.serve(websocket)
+    # /ws is served ahead of FastAPI's routing and dependency machinery: a chat socket is
+    # long-lived, so what it holds per connection and per frame is worth keeping small.
+    app.add_middleware(SocketRoute, path="/ws", serve=rt.sockets.serve)
 
     @app.get("/", include_in_schema=False)
     async def chat_page() -> FileResponse:

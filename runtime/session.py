@@ -59,6 +59,8 @@ _BAD_FRAME_CODES = frozenset(
 
 
 class _SocketTransport:
+    __slots__ = ("ws",)
+
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
 
@@ -159,6 +161,19 @@ class SocketServer:
 
 class Session:
     """Frame handling for one authenticated connection."""
+
+    __slots__ = (
+        "bad_frames",
+        "client",
+        "close_code",
+        "config",
+        "conn",
+        "identity",
+        "metrics",
+        "runs",
+        "server",
+        "ws",
+    )
 
     def __init__(
         self,
