@@ -17,6 +17,11 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.refused = 0
+        #: (marker, then): once a client sends ``marker``, its next chunk holding ``then`` is
+        #: forwarded and the connection is cut before the answer comes back (an ambiguous
+        #: outcome: the server acted, the client never learns it).
+        self.cut_after: tuple[bytes, bytes] | None = None
+        self.cuts = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -49,13 +54,31 @@ class FaultProxy:
             return
         self._writers.update({writer, up_writer})
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        muted = asyncio.Event()
+
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool
+        ) -> None:
+            armed = False
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):
+                    if not upstream and muted.is_set():
+                        continue
                     dst.write(data)
                     await dst.drain()
+                    cut = self.cut_after
+                    if upstream and cut is not None:
+                        armed = armed or cut[0] in data
+                        if armed and cut[1] in data and data.find(cut[1]) > data.find(cut[0]):
+                            self.cut_after = None
+                            self.cuts += 1
+                            muted.set()
+                            await asyncio.sleep(0.3)  # the server acts on it meanwhile
+                            writer.transport.abort()
+                            up_writer.transport.abort()
+                            return
             dst.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
         self._writers.discard(writer)
         self._writers.discard(up_writer)
