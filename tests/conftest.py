@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -217,6 +218,12 @@ def make_settings(db: str, **overrides: Any) -> Settings:
         "database_url": db,
         "jwt_secret": JWT_SECRET,
         "instance_id": "test",
+        # Local data (the outage journal) beside the test's database, never in the checkout.
+        "data_dir": str(
+            Path(db.split(":///", 1)[1]).parent / "runwatch-data"
+            if db.startswith("sqlite")
+            else tempfile.mkdtemp(prefix="runwatch-test-data-")
+        ),
     }
     values.update(overrides)
     return Settings(**values)
