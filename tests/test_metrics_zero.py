@@ -32,6 +32,7 @@ from runtime.metrics import (
     EVENT_TYPES,
     OTHER,
     PROTOCOL_ERROR_CODES,
+    REJECTED_KINDS,
     RESUME_RESULTS,
     RUN_OUTCOMES,
     RuntimeMetrics,
@@ -67,6 +68,14 @@ def runtime_series(agents: list[str], tools: list[str]) -> set[Series]:
         out.add(series("runwatch_disconnects_total", code=code))
     for result in ("ok", "not_found"):
         out.add(series("runwatch_resumes_total", result=result))
+    for kind in ("event", "run", "record"):
+        out.add(series("runwatch_audit_rejected_total", kind=kind))
+    for name in (
+        "runwatch_audit_writer_restarts_total",
+        "runwatch_audit_journal_errors_total",
+        "runwatch_audit_writer_stalled",
+    ):
+        out.add(series(name))
     for code in (c.value for c in ProtocolErrorCode):
         out.add(series("runwatch_protocol_errors_total", code=code))
     for agent in agents:
@@ -178,6 +187,7 @@ def label_literals(metric_attr: str, label: str) -> Iterator[tuple[str, str]]:
     [
         ("connections", "result", CONNECTION_RESULTS),
         ("resumes", "result", RESUME_RESULTS),
+        ("audit_rejected", "kind", REJECTED_KINDS),
         ("runs_checked", "verdict", VERDICTS),
     ],
 )
@@ -213,6 +223,7 @@ def test_the_documented_label_values_are_the_closed_sets() -> None:
 
     assert documented("`result` (connections)") == set(CONNECTION_RESULTS)
     assert documented("`result` (resumes)") == set(RESUME_RESULTS)
+    assert documented("`kind` (audit rejected)") == set(REJECTED_KINDS)
     assert documented("`reason` (delivery failures)") == set(DELIVERY_FAILURE_REASONS)
     assert documented("`code` (disconnects)") == set(DISCONNECT_CODES)
     assert documented("`code` (protocol errors)") == set(PROTOCOL_ERROR_CODES)
