@@ -43,12 +43,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import bindparam, delete, exists, insert, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.events import Event, EventType, Receipt, now_us
+from runtime.store.errors import translate
 from runtime.store.models import DeliveryRow, EventRow, RunRow
-from runtime.store.recorder import AuditStore, StoreError, StoreUnavailable
+from runtime.store.recorder import AuditStore, StoreError
 
 from .metrics import MonitorMetrics
 from .models import MonitorPosition, PendingRun, VerdictRow, ViolationRow
@@ -554,8 +555,8 @@ class Checker:
         try:
             async with self.store.engine.connect() as conn:
                 yield conn
-        except (OperationalError, DBAPIError, OSError) as exc:
-            raise StoreUnavailable(str(exc).splitlines()[0], reason="unavailable") from exc
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise translate(exc) from exc
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncConnection]:
@@ -565,9 +566,9 @@ class Checker:
         except IntegrityError as exc:
             if "monitor_positions" in str(exc):
                 raise _Superseded from exc  # two first passes raced to insert the position
-            raise StoreError(str(exc).splitlines()[0], reason="integrity") from exc
-        except (OperationalError, DBAPIError, OSError) as exc:
-            raise StoreUnavailable(str(exc).splitlines()[0], reason="unavailable") from exc
+            raise translate(exc) from exc
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise translate(exc) from exc
 
     # ---- catching up and the loop -------------------------------------------------------
 

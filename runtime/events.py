@@ -14,7 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -150,12 +150,17 @@ def dumps(obj: Any) -> str:
         return json.dumps(obj, separators=(",", ":"))
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def parse_ts(text: str) -> int:
     """The inverse of :func:`format_ts`; raises ``ValueError`` on anything else."""
     if not text.endswith("Z"):
         raise ValueError(f"timestamp must be UTC ending in 'Z', got {text!r}")
     dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-    return int(dt.timestamp()) * 1_000_000 + dt.microsecond
+    # Integer arithmetic: a float timestamp loses the microseconds of distant dates.
+    return (dt - _EPOCH) // _MICROSECOND
 
 
 @dataclass(frozen=True, slots=True)
