@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ log = logging.getLogger("runwatch.engine")
 
 #: An agent that never waits yields the event loop after this many emissions.
 YIELD_EVERY = 64
+#: How many recently started run ids the engine remembers.
+STARTED_MEMORY = 10_000
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,9 @@ class Engine:
         self.telemetry = telemetry
         self.active: dict[str, _ActiveRun] = {}
         self.accepting = True
+        #: Runs this engine started lately (a retried chat never starts one twice).
+        self._started: set[str] = set()
+        self._started_order: deque[str] = deque()
 
     # ---- emission -----------------------------------------------------------------------
 
@@ -245,9 +251,16 @@ class Engine:
 
     # ---- runs ---------------------------------------------------------------------------
 
-    def start(self, info: RunInfo, text: str) -> None:
+    def start(self, info: RunInfo, text: str) -> bool:
         """Start a run that the store already holds. The owner's connections are subscribed
-        before the first event is emitted, so every open tab sees the whole run."""
+        before the first event is emitted, so every open tab sees the whole run. A run is
+        started once: False when this engine already started it."""
+        if info.run_id in self._started:
+            return False
+        self._started.add(info.run_id)
+        self._started_order.append(info.run_id)
+        if len(self._started_order) > STARTED_MEMORY:
+            self._started.discard(self._started_order.popleft())
         lc = RunLifecycle(
             run_id=info.run_id, thread_id=info.thread_id, agent=info.agent, clock_us=self.clock_us
         )
@@ -256,6 +269,7 @@ class Engine:
         self.sink.run_started(info.run_id, info.user_id)
         self.metrics.runs_started.labels(agent=info.agent).inc()
         run.supervisor = asyncio.create_task(self._supervise(run), name=f"run-{info.run_id}")
+        return True
 
     def cancel(self, run_id: str, code: ErrorCode = ErrorCode.CANCELLED) -> bool:
         """Stop a running run; False when it is not running here or is already finishing."""

@@ -111,7 +111,11 @@ class RunService:
         ref = chat.client_msg_id
         existing = await self.store.find_run_by_msg(user_id, chat.client_msg_id)
         if existing is not None:
-            # Idempotent: the original run, whatever the text; nothing starts.
+            # Idempotent: the original run, whatever the text; nothing starts, unless the
+            # original never did (its creation committed, but the answer was lost).
+            if await self._never_started(existing):
+                log.warning("run %s was created but never started: starting it", existing.run_id)
+                self.engine.start(existing, chat.text)
             return Accepted(existing, duplicate=True)
         agent = chat.agent or self.engine.agents.default
         if self.engine.agents.get(agent) is None:
@@ -145,6 +149,15 @@ class RunService:
         if not duplicate:
             self.engine.start(run, chat.text)
         return Accepted(run, duplicate)
+
+    async def _never_started(self, run: RunInfo) -> bool:
+        """A run of this instance that is open, not running here and has no event: its
+        ``create_run`` committed while the writer reported it failed (an ambiguous commit)."""
+        if run.ended_us is not None or run.instance_id != self.instance_id:
+            return False
+        if run.run_id in self.engine.active:
+            return False
+        return not await self.store.run_events(run.run_id)
 
     # ---- ack / resume / cancel ----------------------------------------------------------
 

@@ -9,7 +9,8 @@ from prometheus_client import generate_latest
 
 from runtime.agents import AgentRegistry, RunContext, ToolError
 from runtime.client import RunwatchClient
-from runtime.events import EventType
+from runtime.events import EventType, new_id, now_us
+from runtime.store.recorder import RunInfo
 
 from .conftest import LiveServer, make_settings, serve_runtime, sqlite_url, wait_until
 from .invariants import assert_valid
@@ -218,3 +219,29 @@ async def test_a_made_up_tool_is_counted_as_unknown(tmp_path: Path) -> None:
         assert live.metric("runwatch_tool_calls_total", {"tool": "unknown", "status": "error"}) == 1
         exposed = generate_latest(live.rt.registry).decode()
         assert "no_such_tool_" not in exposed
+
+
+async def test_a_run_created_but_never_started_starts_on_the_retry(live: LiveServer) -> None:
+    # The writer committed the run, but its answer was lost (an ambiguous commit): the chat was
+    # refused, and the client retries with the same client_msg_id.
+    ghost = RunInfo(
+        run_id=new_id(),
+        user_id="alice",
+        thread_id=new_id(),
+        agent="demo",
+        client_msg_id="m-ghost",
+        instance_id=live.rt.settings.instance_id,
+        created_us=now_us(),
+    )
+    await live.rt.store.create_run(ghost, new_thread=True)
+    client = await live.client("alice")
+    run = await client.chat("what is 6*7", client_msg_id="m-ghost")
+    assert run.run_id == ghost.run_id
+    events = await run.wait(10)
+    assert_valid(events)
+    assert events[-1].type == EventType.AGENT_COMPLETED
+    # A second retry finds the run started: nothing starts twice.
+    again = await client.chat("what is 6*7", client_msg_id="m-ghost")
+    assert again.run_id == ghost.run_id
+    await live.rt.writer.flush(5)
+    assert len(await live.rt.store.run_events(ghost.run_id)) == len(events)
