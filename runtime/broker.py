@@ -12,9 +12,12 @@ Each replica publishes, on one channel, what other replicas need to serve *their
 - ``presence``: which users have connections where, so an event counts as sent live when the
   owner has a tab on any replica.
 
-Redis pub/sub is at-most-once: a replica that misses messages (a Redis blip) leaves its
-clients to catch up with ``resume``, which reads the store. Nothing is lost from the audit
-store; only live fan-out degrades, and it shows in the delivery SLI.
+Redis pub/sub is at-most-once: Redis drops a subscriber that reads too slowly (its output
+buffer limit) or on a blip, and what was published meanwhile is gone. So every message carries
+its publisher's counter ``n``, and the subscriber connection is named
+(``runwatch-sub:<instance>``, ``CLIENT LIST`` shows it). A replica that re-establishes its
+subscription, or sees a publisher's counter jump, tells its inbound (``lost``), which
+resynchronises the runs it relays from the audit store (:mod:`runtime.relay`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from .events import Event
+from .events import Event, now_us
 from .pipeline import Emitted
 
 __all__ = ["BrokerInbound", "RedisBroker"]
@@ -53,6 +56,8 @@ class BrokerInbound(Protocol):
 
     def local_users(self) -> set[str]: ...
 
+    def lost(self, reason: str, since_us: int | None) -> None: ...
+
 
 class RedisBroker:
     """Publishes this replica's fan-out and applies the other replicas'."""
@@ -67,14 +72,36 @@ class RedisBroker:
         self._tasks: list[asyncio.Task[None]] = []
         #: user -> {instance: last seen (monotonic)} for users with connections elsewhere.
         self._remote: dict[str, dict[str, float]] = {}
+        self._sub: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._n = 0
+        #: instance -> the last message counter heard from it.
+        self._heard: dict[str, int] = {}
+        #: Wall clock (µs) of the last message received: a loss starts after it.
+        self._heard_us: int | None = None
         self.received = 0
         self.published = 0
+        self.resubscribed = 0
+
+    @property
+    def subscriber_name(self) -> str:
+        """The Redis client name of the subscriber connection (``CLIENT LIST``)."""
+        return "runwatch-sub:" + "".join(
+            c if c.isalnum() or c in "-_.:" else "_" for c in self.instance
+        )
 
     async def start(self, inbound: BrokerInbound) -> None:
         self._inbound = inbound
         self._redis = aioredis.from_url(self.url, decode_responses=True)
-        pubsub = self._redis.pubsub()
+        self._sub = aioredis.from_url(
+            self.url, decode_responses=True, client_name=self.subscriber_name
+        )
+        pubsub: Any = self._sub.pubsub()
+        self._pubsub = pubsub
         await pubsub.subscribe(self.channel)
+        # redis-py reconnects and resubscribes a dropped pub/sub connection by itself; this
+        # callback (after its own) is how we learn that messages may have been lost.
+        pubsub.connection.register_connect_callback(self._reconnected)
         self._tasks = [
             asyncio.create_task(self._listen(pubsub), name="runwatch-broker-listen"),
             asyncio.create_task(self._publish_loop(), name="runwatch-broker-publish"),
@@ -86,8 +113,13 @@ class RedisBroker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._redis is not None:
-            await self._redis.aclose()
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                self._pubsub.connection.deregister_connect_callback(self._reconnected)
+                await self._pubsub.aclose()
+        for client in (self._redis, self._sub):
+            if client is not None:
+                await client.aclose()
 
     async def _flush_outbox(self, timeout: float = 2.0) -> None:
         with contextlib.suppress(TimeoutError):
@@ -95,8 +127,14 @@ class RedisBroker:
 
     # ---- publishing (ordered: one task drains the outbox) --------------------------------
 
+    def _next(self) -> int:
+        self._n += 1
+        return self._n
+
     def _send(self, kind: str, **fields: Any) -> None:
-        self._outbox.put_nowait(json.dumps({"k": kind, "i": self.instance, **fields}))
+        self._outbox.put_nowait(
+            json.dumps({"k": kind, "i": self.instance, "n": self._next(), **fields})
+        )
 
     async def _publish_loop(self) -> None:
         assert self._redis is not None
@@ -127,7 +165,7 @@ class RedisBroker:
         head = json.dumps(self.instance)
         for item in items:
             self._outbox.put_nowait(
-                f'{{"k":"ev","i":{head},"u":{json.dumps(item.owner)},'
+                f'{{"k":"ev","i":{head},"n":{self._next()},"u":{json.dumps(item.owner)},'
                 f'"live":{"true" if item.live else "false"},"e":{item.text}}}'
             )
 
@@ -156,6 +194,16 @@ class RedisBroker:
 
     # ---- receiving ---------------------------------------------------------------------
 
+    async def _reconnected(self, connection: Any) -> None:
+        # Called by redis-py inside its connect: only note it; the resync runs on its own.
+        self.resubscribed += 1
+        log.warning("redis subscription was re-established; messages may have been lost")
+        asyncio.get_running_loop().call_soon(self._lost, "reconnect")
+
+    def _lost(self, reason: str) -> None:
+        if self._inbound is not None:
+            self._inbound.lost(reason, self._heard_us)
+
     async def _listen(self, pubsub: Any) -> None:
         while True:
             try:
@@ -172,11 +220,21 @@ class RedisBroker:
                 self._apply(json.loads(message["data"]))
             except Exception:
                 log.exception("bad fan-out message ignored")
+            self._heard_us = now_us()
 
     def _apply(self, msg: dict[str, Any]) -> None:
         if msg.get("i") == self.instance:
             return
         self.received += 1
+        n = msg.get("n")
+        if isinstance(n, int):
+            instance = str(msg.get("i"))
+            heard = self._heard.get(instance)
+            self._heard[instance] = n
+            if heard is not None and n > heard + 1:
+                # Before this message is applied, so it waits behind the resync.
+                log.warning("missed %d fan-out message(s) from %s", n - heard - 1, instance)
+                self._lost("lost_messages")
         kind = msg.get("k")
         inbound = self._inbound
         assert inbound is not None

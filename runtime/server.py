@@ -30,13 +30,14 @@ from .auth import AuthError, TokenAuthority, valid_user_id
 from .broker import RedisBroker
 from .config import Settings
 from .engine import Engine, EngineConfig
-from .events import ErrorCode, Event, now_us
+from .events import ErrorCode, now_us
 from .hub import Hub
 from .lease import InstanceLease
 from .metrics import RuntimeMetrics
 from .pipeline import Fanout, RunSink
 from .protocol import CloseCode
 from .ratelimit import TokenBuckets
+from .relay import Relay
 from .runs import RunService
 from .session import SessionConfig, SocketServer
 from .store.journal import Journal
@@ -68,29 +69,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class _Inbound:
-    """The other replicas' fan-out, applied here (see :class:`~runtime.broker.BrokerInbound`)."""
-
-    def __init__(self, hub: Hub, engine: Engine) -> None:
-        self.hub = hub
-        self.engine = engine
-
-    def remote_event(self, event: Event, owner: str, live: bool) -> None:
-        self.hub.publish(event, owner, live)
-
-    def remote_run_started(self, run_id: str, owner: str) -> None:
-        self.hub.run_started(run_id, owner, track=False)
-
-    def remote_cancel(self, run_id: str) -> None:
-        self.engine.cancel(run_id)
-
-    def remote_ack(self, run_id: str, seq: int, acked_us: int) -> None:
-        self.hub.remote_ack(run_id, seq, acked_us)
-
-    def local_users(self) -> set[str]:
-        return self.hub.users()
 
 
 class Runtime:
@@ -195,6 +173,14 @@ class Runtime:
             metrics,
             accepting=lambda: self.accepting,
         )
+        # The other replicas' fan-out, relayed here without gaps (issue #11 item 4).
+        self.relay = Relay(
+            self.hub,
+            self.engine,
+            self.store,
+            instance_id=settings.instance_id,
+            registry=self.registry,
+        )
         self.accepting = True
         self._background: list[asyncio.Task[Any]] = []
         self._stopped = False
@@ -234,7 +220,7 @@ class Runtime:
         await self.engine.recover(self.settings.instance_id)
         await self.lease.reap(self._take_over)
         if self.broker is not None:
-            await self.broker.start(_Inbound(self.hub, self.engine))
+            await self.broker.start(self.relay)
         self._background.append(asyncio.create_task(self._sweeper(), name="runwatch-sweeper"))
         self._background.append(
             asyncio.create_task(self.lease.keep(self._take_over), name="runwatch-lease")
@@ -273,6 +259,7 @@ class Runtime:
         await self.hub.close_all(CloseCode.SERVER_RESTARTING)
         if self.broker is not None:
             await self.broker.close()
+        await self.relay.close()
         for hook in self.on_stop:
             with contextlib.suppress(Exception):
                 await hook()

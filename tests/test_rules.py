@@ -191,6 +191,22 @@ def test_delivery_slo_late_missing_and_deferred() -> None:
     assert rules_of(dataclasses.replace(unacked, live=frozenset())) == set()
 
 
+def test_delivery_slo_flags_a_gap_the_client_never_received() -> None:
+    """Issue #11 item 4: seqs lost between replicas (never written to the owner's socket, so
+    no receipt) are live events never acked, even when the client acked the seqs around them;
+    a run that never arrived at all is flagged too."""
+    events = completed_run()
+    received = facts_for(events, deliver_to=lambda e: [] if e.seq in (3, 4) else ["alice"])
+    found = [v for v in check_run(received, CFG, LATER) if v.rule == Rule.DELIVERY_SLO]
+    assert (
+        len(found) == 1
+        and found[0].seqs == (3, 4)
+        and "2 live event(s) never acked" in (found[0].message)
+    )
+    never = facts_for(events, deliver_to=lambda e: [])
+    assert rules_of(never) == {Rule.DELIVERY_SLO}
+
+
 # ---- generated runs -------------------------------------------------------------------
 
 

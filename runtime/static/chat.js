@@ -21,7 +21,7 @@
   const BACKOFF_MIN_MS = 250;
   const BACKOFF_MAX_MS = 5000;
   const TOO_MANY_CONNECTIONS_RETRY_MS = 20000; // 4429: retry slowly
-  const GAP_RESUME_MS = 2000; // a hole in seq for this long: ask the server to replay
+  const GAP_RESUME_MS = 2000; // a hole in seq still open this long after a replay: ask again
   const REMEMBERED_RUNS = 30; // runs of the current thread restored after a page reload
   const USER_ID = /^[A-Za-z0-9_.@:+-]{1,128}$/;
   const USER_RULE = "use 1 to 128 letters, digits or _ . @ : + - (no spaces)";
@@ -87,7 +87,7 @@
     runs: new Map(), // run_id -> run (see newRun)
     pending: new Map(), // client_msg_id -> {frame, view, generation, refused}
     cancels: new Set(), // run ids whose cancel is not known to have reached a server
-    stats: { connects: 0, replayed: 0, duplicates: 0, events: 0 },
+    stats: { connects: 0, replayed: 0, duplicates: 0, events: 0, gapResumes: 0 },
   };
 
   // ---- small helpers ----------------------------------------------------------------------------
@@ -463,7 +463,8 @@
     if (stick) scrollToBottom();
   }
 
-  // Events arrive in order per connection; a hole that lasts means we missed some: replay them.
+  // Events arrive in order per connection, so a hole means some were lost on the way (between
+  // replicas): replay from the store at once instead of waiting, and again if it stays open.
   function watchGap(run) {
     if (run.done || run.buffer.size === 0) {
       clearTimeout(run.gapTimer);
@@ -471,6 +472,8 @@
       return;
     }
     if (run.gapTimer) return;
+    state.stats.gapResumes += 1;
+    send({ type: "resume", run_id: run.id, after_seq: run.lastSeq });
     run.gapTimer = setTimeout(() => {
       run.gapTimer = null;
       if (!run.done && run.buffer.size > 0) {

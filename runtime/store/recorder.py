@@ -380,6 +380,18 @@ class AuditStore:
             for r in rows
         ]
 
+    async def runs_since(self, user_id: str, created_us: int, limit: int = 1000) -> list[RunInfo]:
+        """The owner's runs created at or after ``created_us``, oldest first (the fan-out
+        resync looks for runs whose start it may have missed)."""
+        async with self._read(self.read_timeout_s) as conn:
+            res = await conn.execute(
+                select(RunRow)
+                .where(RunRow.user_id == user_id, RunRow.created_us >= created_us)
+                .order_by(RunRow.created_us, RunRow.run_id)
+                .limit(limit)
+            )
+            return [_run_info(r) for r in res]
+
     # ---- events and receipts ----------------------------------------------------------
 
     async def run_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
