@@ -42,6 +42,7 @@ from .protocol import (
     run_accepted_frame,
 )
 from .runs import RunService
+from .store.errors import StoreRejected
 from .store.recorder import ConnectionClose, ConnectionOpen, StoreError
 from .store.writer import DeliveryLog
 
@@ -298,6 +299,13 @@ class Session:
                 error = await runs.resume(conn, frame.run_id, frame.after_seq)
             elif isinstance(frame, Cancel):
                 error = await runs.cancel(self.user_id, frame.run_id)
+        except StoreRejected as exc:
+            # The store refuses this data for good: retrying the same frame cannot help.
+            log.warning("store refused %s: %s", type(frame).__name__, exc)
+            ref = frame.client_msg_id if isinstance(frame, Chat) else getattr(frame, "run_id", None)
+            error = FrameError(
+                ProtocolErrorCode.INVALID_MESSAGE, "the audit store cannot hold this message", ref
+            )
         except StoreError as exc:
             # The audit store is briefly unavailable: a retryable answer, never a crash.
             log.warning("store error while handling %s: %s", type(frame).__name__, exc)

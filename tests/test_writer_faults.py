@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -27,6 +28,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
+from websockets.asyncio.client import connect as ws_connect
 
 from runtime.agents import AgentRegistry
 from runtime.client import RunwatchClient
@@ -35,6 +37,7 @@ from runtime.lifecycle import RunLifecycle
 from runtime.metrics import EVENT_TYPES
 from runtime.store.errors import StoreRejected, StoreUnavailable, storable, translate
 from runtime.store.journal import Journal, JournalError
+from runtime.store.migrate import upgrade
 from runtime.store.models import ConnectionRow
 from runtime.store.recorder import AuditStore, Batch, ConnectionOpen
 
@@ -159,6 +162,32 @@ async def test_a_refused_event_gets_a_stand_in_and_its_run_ends(
         assert live.metric("runwatch_audit_rejected_total", {"kind": "event"}) >= 1
         assert live.rt.writer.restarts == 0 and not live.rt.writer.degraded
         await tally(f"{backend}: event refused by a constraint", live, [alice, bob], url)
+
+
+async def test_a_chat_the_store_refuses_is_answered_invalid_message(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "runwatch.db")
+    await asyncio.to_thread(upgrade, url)
+    # The database refuses any run whose client_msg_id says "refuse" (a real constraint).
+    with contextlib.closing(sqlite3.connect(tmp_path / "runwatch.db")) as db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON runs WHEN NEW.client_msg_id LIKE 'refuse%' "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        db.commit()
+    async with serve_runtime(make_settings(url, data_dir=str(tmp_path / "d"))) as live:
+        ws = await ws_connect(live.ws_url)
+        await ws.send(json.dumps({"type": "connect", "token": live.token("alice")}))
+        json.loads(await ws.recv())
+        chat = {"type": "chat", "text": "hello", "client_msg_id": "refuse-1"}
+        await ws.send(json.dumps(chat))
+        answer = json.loads(await ws.recv())
+        # Retrying cannot help: not "rate_limited" (retry shortly) but invalid_message.
+        assert answer["type"] == "error" and answer["code"] == "invalid_message", answer
+        assert answer["ref"] == "refuse-1"
+        await ws.send(json.dumps({**chat, "client_msg_id": "ok-1"}))
+        accepted = json.loads(await ws.recv())
+        assert accepted["type"] == "run_accepted", accepted
+        await ws.close()
 
 
 # ---- timeouts, pools, locks ------------------------------------------------------------------
