@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
 import re
 import signal
 import socket
@@ -19,7 +20,7 @@ import uvicorn
 from uvicorn._compat import asyncio_run
 
 from . import __version__
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, sqlite_path
 
 __all__ = ["main", "parse_duration"]
 
@@ -76,11 +77,21 @@ def _configure_logging(level: str) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    try:
-        return Settings.from_env()
-    except ConfigError as exc:
-        print(f"runwatch: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """The settings from the environment; a ConfigError ends in one line (see :func:`main`)."""
+    return Settings.from_env()
+
+
+def _existing_store(settings: Settings) -> str | None:
+    """For verbs that read an existing store (``check``, ``purge``): None when it is there,
+    else the line to print. They never create a database (an empty ``./runwatch.db`` in the
+    wrong directory would only fail later with "no such table")."""
+    path = sqlite_path(settings.database_url)
+    if path is None or os.path.exists(path):
+        return None
+    return (
+        f"runwatch: no audit store at {os.path.abspath(path)}: run from the directory that "
+        "holds it, or set RUNWATCH_DATABASE_URL to the store runwatch serve uses"
+    )
 
 
 def _listen(host: str, port: int) -> socket.socket | None:
@@ -204,8 +215,9 @@ def _token(args: argparse.Namespace) -> int:
         return 2
     try:
         print(TokenAuthority(settings.jwt_secret).mint(args.user, ttl_s=args.ttl))
-    except AuthError as exc:
-        print(f"runwatch: {exc}", file=sys.stderr)
+    except (AuthError, ValueError) as exc:
+        # A secret too short to sign with: say how to make one.
+        print(f"runwatch: {exc} (make one with: openssl rand -hex 32)", file=sys.stderr)
         return 2
     return 0
 
@@ -238,6 +250,10 @@ def _purge(args: argparse.Namespace) -> int:
     from .store.recorder import AuditStore
 
     settings = _settings(args)
+    missing = _existing_store(settings)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     if args.older_than < MIN_PURGE_AGE_S and not args.force:
         print(
             f"runwatch: refusing to purge runs younger than 1h (--older-than "
@@ -268,7 +284,13 @@ def _purge(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from monitor.check import run_check
 
-    return run_check(_settings(args), since_s=args.since, run_id=args.run, as_json=args.json)
+    settings = _settings(args)
+    missing = _existing_store(settings)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    print(f"runwatch: checking {_store_name(settings.database_url)}", file=sys.stderr)
+    return run_check(settings, since_s=args.since, run_id=args.run, as_json=args.json)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -300,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"runwatch {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of a configuration or store error instead of one line",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
@@ -397,8 +424,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """A driver error as one line: the database's own words, without SQLAlchemy's wrapping."""
+    orig = getattr(exc, "orig", None) or exc.__cause__ or exc
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    return text if text.startswith(type(orig).__name__) else f"{type(orig).__name__}: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every configuration mistake ends in one line on stderr and exit status 2 (a traceback
+    only with ``--debug``)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .store.recorder import StoreError
+
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        if args.debug:
+            raise
+        print(f"runwatch: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (StoreError, SQLAlchemyError, OSError) as exc:
+        if args.debug:
+            raise
+        url = os.environ.get("RUNWATCH_DATABASE_URL") or Settings.database_url
+        print(
+            f"runwatch: cannot use the audit store {_store_name(url)} ({_one_line(exc)}): check "
+            "RUNWATCH_DATABASE_URL, that the database is up and writable, and `runwatch migrate`",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args, with_runtime=True, with_monitor=True)
     if args.command == "runtime":

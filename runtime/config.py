@@ -8,17 +8,75 @@ import socket
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["ConfigError", "Settings"]
+__all__ = ["LOG_LEVELS", "SUPPORTED_DRIVERS", "ConfigError", "Settings", "sqlite_path"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: SQLAlchemy async drivers the audit store runs on (SPEC section 5).
+SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
 class ConfigError(ValueError):
-    """A ``RUNWATCH_*`` variable has a value runwatch cannot use."""
+    """A ``RUNWATCH_*`` variable has a value runwatch cannot use: ``str()`` is one line saying
+    what is wrong and what is expected."""
 
     def __init__(self, name: str, value: str, expected: str) -> None:
-        super().__init__(f"{name}={value!r}: expected {expected}")
+        super().__init__(f"{name}={_shown(name, value)!r}: expected {expected}")
         self.name = name
         self.value = value
         self.expected = expected
+
+
+def _shown(name: str, value: str) -> str:
+    """A value as it may be printed: a database URL without its password, no secrets."""
+    if name.endswith(("SECRET", "TOKEN", "API_KEY")):
+        return "***"
+    if name == "RUNWATCH_DATABASE_URL" and "@" in value:
+        head, _, tail = value.rpartition("@")
+        scheme, sep, auth = head.partition("://")
+        return f"{scheme}{sep}{auth.split(':', 1)[0]}:***@{tail}" if ":" in auth else value
+    return value
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite database URL (None for other databases or in-memory)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite"):
+        return None
+    database = parsed.database or ""
+    return None if database in ("", ":memory:") or database.startswith("file:") else database
+
+
+def _check_database_url(raw: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    name = "RUNWATCH_DATABASE_URL"
+    try:
+        parsed = make_url(raw)
+    except (ArgumentError, ValueError):
+        raise ConfigError(
+            name,
+            raw,
+            "a database URL such as sqlite+aiosqlite:///./runwatch.db or "
+            "postgresql+asyncpg://user:password@host:5432/dbname",
+        ) from None
+    if parsed.drivername not in SUPPORTED_DRIVERS:
+        raise ConfigError(
+            name,
+            raw,
+            f"one of the drivers {', '.join(SUPPORTED_DRIVERS)} (got {parsed.drivername})",
+        )
+    path = sqlite_path(raw)
+    if path is not None:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise ConfigError(
+                name,
+                raw,
+                f"a file in an existing directory ({directory} does not exist: create it)",
+            )
 
 
 def _default_instance() -> str:
@@ -93,4 +151,9 @@ class Settings:
             if kind.startswith(("float", "int")) and values[f.name] < 0:  # bool is not "int"
                 raise ConfigError(name, raw, "a non-negative number")
         values.update({k: v for k, v in overrides.items() if v is not None})
+        level = str(values.get("log_level", cls.log_level))
+        if level.lower() not in LOG_LEVELS:
+            raise ConfigError("RUNWATCH_LOG_LEVEL", level, "one of " + ", ".join(LOG_LEVELS))
+        if "database_url" in values:
+            _check_database_url(str(values["database_url"]))
         return cls(**values)
