@@ -60,6 +60,20 @@ __all__ = ["Checker", "CheckerConfig", "Pacer", "PassResult", "load_facts", "loa
 log = logging.getLogger("runwatch.monitor")
 
 
+class SteadyClock:
+    """Wall-clock microseconds that advance with the monotonic clock: read the wall clock once,
+    then add elapsed monotonic time, so a wall-clock step (forward or back) does not move it.
+    Events stamped after a forward step look younger to it for the size of the step: the
+    monitor judges such runs later, never wrongly."""
+
+    def __init__(self) -> None:
+        self._wall_us = now_us()
+        self._mono_ns = time.monotonic_ns()
+
+    def __call__(self) -> int:
+        return self._wall_us + (time.monotonic_ns() - self._mono_ns) // 1000
+
+
 @dataclass(frozen=True)
 class CheckerConfig:
     rules: RuleConfig = field(default_factory=RuleConfig)
@@ -272,7 +286,7 @@ class Checker:
         metrics: MonitorMetrics,
         config: CheckerConfig | None = None,
         *,
-        clock_us: Callable[[], int] = now_us,
+        clock_us: Callable[[], int] | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -281,7 +295,9 @@ class Checker:
         if config.settle_s < config.rules.ack_wait_s:
             config = dataclasses.replace(config, settle_s=config.rules.ack_wait_s)
         self.config = config
-        self.clock_us = clock_us
+        # I8 judged on elapsed time, not on the wall clock: a wall-clock step (NTP, a VM
+        # resumed) must not make healthy open runs look stuck.
+        self.clock_us = clock_us if clock_us is not None else SteadyClock()
         # Positions commit in order on SQLite (one writer): no window to re-examine.
         self._overlap = config.overlap if store.dialect == "postgresql" else 0
         self._task: asyncio.Task[None] | None = None
