@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import logging
 import os
 import re
@@ -196,7 +197,22 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
         timeout_graceful_shutdown=5,
     )
     server = _GracefulServer(config, rt) if rt is not None else uvicorn.Server(config)
+    _settle_garbage_collector()
     return _run_server(server, sock, rt)
+
+
+def _settle_garbage_collector() -> None:
+    """A long-lived server: what exists once it is built (modules, the app, the registries)
+    lives as long as the process, so full collections need not walk it again and again
+    (``gc.freeze``), and young collections run less often (their pauses show in the event
+    loop's latency)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+
+
+#: The cyclic collector's first-generation threshold for server processes (CPython: 700).
+GC_GEN0_THRESHOLD = 20_000
 
 
 def _token(args: argparse.Namespace) -> int:
