@@ -615,18 +615,29 @@ class Checker:
 
     async def _loop(self, interval_s: float) -> None:
         share = min(1.0, max(0.01, self.config.busy_share))
+        # Logged once per change of state (failing with a new error, or working again), never
+        # once per pass: a store that stays unwritable is one line, not one every interval.
+        failing: str | None = None
         while True:
             try:
                 started = time.perf_counter()
                 result = await self.step()
+                if failing is not None:
+                    log.warning("checker passes work again (after: %s)", failing)
+                    failing = None
                 if result.more:
                     # Behind: go again soon, after a pause in proportion to the pass.
                     await asyncio.sleep((time.perf_counter() - started) * (1 - share) / share)
                     continue
             except StoreError as exc:
-                log.warning("checker pass failed: %s", exc)
-            except Exception:
-                log.exception("checker pass failed")
+                if str(exc) != failing:
+                    log.error("checker pass failed: %s (retrying every %gs)", exc, interval_s)
+                failing = str(exc)
+            except Exception as exc:
+                text = f"{type(exc).__name__}: {exc}"
+                if text != failing:
+                    log.exception("checker pass failed (retrying every %gs)", interval_s)
+                failing = text
             await asyncio.sleep(interval_s)
 
 

@@ -352,3 +352,29 @@ async def test_a_lower_position_committed_late_is_still_judged(pg_url: str) -> N
         await judged_once(store, [*early, late])
     finally:
         await store.close()
+
+
+async def test_an_unwritable_store_is_logged_once_per_change(
+    sqlite_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    writable = AuditStore.open(sqlite_db)
+    runs = await write_healthy(writable, 3, now_us() - 60_000_000)
+    await writable.close()
+    # The same database, opened read-only: every pass reads, judges, then cannot write.
+    path = sqlite_db.split(":///", 1)[1]
+    readonly = AuditStore.open(f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true")
+    chk, registry = make_checker(readonly, CheckerConfig(rules=RULES, settle_s=1))
+    caplog.set_level("WARNING", logger="runwatch.monitor")
+    chk.start(interval_s=0.02)
+    try:
+        await asyncio.sleep(0.5)  # about 25 failing passes
+    finally:
+        await chk.stop()
+        await readonly.close()
+    failures = [r for r in caplog.records if "checker pass failed" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in failures]
+    assert "readonly" in failures[0].getMessage() or "read-only" in failures[0].getMessage()
+    assert (
+        registry.get_sample_value("runwatch_monitor_runs_checked_total", {"verdict": "pass"}) == 0
+    )
+    assert runs
