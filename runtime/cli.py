@@ -161,6 +161,10 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
             "DEV MODE: RUNWATCH_JWT_SECRET is not set. POST /dev/token hands out tokens for any "
             "user and the monitor is open without RUNWATCH_ADMIN_TOKEN. Never expose this server."
         )
+    agents, tools = (None, None)
+    if with_runtime:
+        # Before the port is bound or the store touched: a wrong --agent or --tool is one line.
+        agents, tools = _user_code(args)
     sock = _listen(args.host, args.port)
     if sock is None:
         return 2
@@ -168,12 +172,7 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
         upgrade(settings.database_url)
     rt = None
     if with_runtime:
-        agents = None
-        if getattr(args, "agent", None):
-            from .agents import AgentRegistry
-
-            agents = AgentRegistry.with_builtins(args.agent)
-        rt = Runtime(settings, agents=agents)
+        rt = Runtime(settings, agents=agents, tools=tools)
         app = create_app(rt)
         if with_monitor:
             from monitor.service import attach_monitor
@@ -213,6 +212,24 @@ def _settle_garbage_collector() -> None:
 
 #: The cyclic collector's first-generation threshold for server processes (CPython: 700).
 GC_GEN0_THRESHOLD = 20_000
+
+
+def _user_code(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The agent and tool registries with the user's ``--agent``/``--tool`` and entry points.
+    Modules are looked up from the current directory too, as uvicorn does for its app."""
+    from .agents import AgentRegistry
+    from .tools import builtin_tools
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return AgentRegistry.with_builtins(args.agent), builtin_tools(extra=args.tool)
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        if args.debug:
+            raise
+        raise ConfigError(
+            "--agent/--tool", " ".join([*args.agent, *args.tool]), f"importable code ({exc})"
+        ) from exc
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -270,7 +287,7 @@ def _purge(args: argparse.Namespace) -> int:
     if missing:
         print(missing, file=sys.stderr)
         return 2
-    if args.older_than < MIN_PURGE_AGE_S and not args.force:
+    if args.older_than < MIN_PURGE_AGE_S and not args.force and not args.dry_run:
         print(
             f"runwatch: refusing to purge runs younger than 1h (--older-than "
             f"{args.older_than:g}s would delete recent runs); add --force if you mean it",
@@ -370,7 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="[NAME=]MODULE:FUNC",
-            help="register an extra agent (repeatable); NAME defaults to FUNC",
+            help="register an extra agent (repeatable); NAME defaults to FUNC; modules are "
+            "found from the current directory too (docs/agents.md)",
+        )
+        p.add_argument(
+            "--tool",
+            action="append",
+            default=[],
+            metavar="[NAME=]MODULE:OBJ",
+            help="register an extra tool (repeatable): a Tool, or a function whose docstring "
+            "and annotated parameters describe it; NAME defaults to its name (docs/agents.md)",
         )
 
     p = command(

@@ -62,6 +62,16 @@ CASES = {
         {"RUNWATCH_JWT_SECRET": "short"},
         "at least 32 bytes long (make one with: openssl rand -hex 32)",
     ),
+    "an agent module that is not there": (
+        [*serve_args(), "--agent", "no_such_module:agent"],
+        {},
+        "--agent/--tool='no_such_module:agent': expected importable code",
+    ),
+    "a tool that is not there": (
+        [*serve_args(), "--tool", "json:no_such_function"],
+        {},
+        "expected importable code",
+    ),
     "check without a store here": (["check"], {}, "no audit store at"),
     "purge without a store here": (["purge", "--older-than", "30d"], {}, "no audit store at"),
 }

@@ -6,12 +6,22 @@ The engine, not the tool, emits ``tool_executing``/``tool_completed`` around eve
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
-__all__ = ["Tool", "ToolArgumentError", "ToolRegistry", "builtin_tools"]
+__all__ = [
+    "Tool",
+    "ToolArgumentError",
+    "ToolRegistry",
+    "builtin_tools",
+    "load_tool",
+    "tool_from_callable",
+]
 
 
 class ToolArgumentError(ValueError):
@@ -95,9 +105,66 @@ class ToolRegistry:
         return [self._tools[n].schema() for n in self.names()]
 
 
-def builtin_tools(docs_paths: Iterable[str] = ()) -> ToolRegistry:
+_PY_TO_JSON = {str: "string", int: "integer", float: "number", bool: "boolean"}
+_PY_TO_JSON_GENERIC = {dict: "object", list: "array"}
+
+
+def tool_from_callable(func: Callable[..., Any], name: str | None = None) -> Tool:
+    """A :class:`Tool` from a plain function: its name, its docstring's first paragraph as the
+    description, and a JSON schema from its keyword parameters (``str``, ``int``, ``float``,
+    ``bool``, ``dict``, ``list`` annotations; parameters without a default are required)."""
+    hints = typing.get_type_hints(func)
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for param in inspect.signature(func).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        hint = hints.get(param.name)
+        origin = typing.get_origin(hint) or hint
+        kind = _PY_TO_JSON.get(origin) or _PY_TO_JSON_GENERIC.get(origin)  # type: ignore[arg-type]
+        properties[param.name] = {"type": kind} if kind else {}
+        if param.default is param.empty:
+            required.append(param.name)
+    doc = inspect.getdoc(func) or ""
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    return Tool(
+        name=name or func.__name__,
+        description=doc.split("\n\n", 1)[0].replace("\n", " ") or (name or func.__name__),
+        func=func,
+        parameters=schema,
+    )
+
+
+def load_tool(spec: str) -> Tool:
+    """``[NAME=]module:object`` → a :class:`Tool`; ``object`` is a ``Tool`` or a function."""
+    name, sep, target = spec.partition("=")
+    if not sep:
+        name, target = "", spec
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"a tool is given as [NAME=]module:object, got {spec!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if isinstance(obj, Tool):
+        return Tool(name or obj.name, obj.description, obj.func, obj.parameters, obj.timeout_s)
+    if callable(obj):
+        return tool_from_callable(obj, name or None)
+    raise TypeError(f"{target} is neither a Tool nor a function")
+
+
+def builtin_tools(docs_paths: Iterable[str] = (), extra: Iterable[str] = ()) -> ToolRegistry:
+    """The built-in tools, those of the entry point group ``runwatch.tools`` (each a ``Tool`` or
+    a function) and the ``extra`` ones given as ``[NAME=]module:object``."""
     from .builtin import calculator_tool, clock_tool, docs_search_tool, fail_tool, wait_tool
 
-    return ToolRegistry(
+    registry = ToolRegistry(
         [calculator_tool(), clock_tool(), wait_tool(), docs_search_tool(docs_paths), fail_tool()]
     )
+    for ep in entry_points(group="runwatch.tools"):
+        registry.register(load_tool(f"{ep.name}={ep.value}"))
+    for spec in extra:
+        registry.register(load_tool(spec))
+    return registry
