@@ -581,6 +581,15 @@ def _compare_main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args(argv)
+    try:
+        import socketio  # noqa: F401
+    except ImportError:
+        print(
+            "bench: compare needs python-socketio for its reference server: "
+            "pip install -e '.[bench]'",
+            file=sys.stderr,
+        )
+        return 2
     if args.quick:
         args.frames, args.frames_each, args.runs = 2000, 100, 2
         args.latency_s, args.idle = min(args.latency_s, 3.0), min(args.idle, 100)
