@@ -7,7 +7,9 @@ import asyncio
 import math
 import operator
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -211,39 +213,81 @@ def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
     return cut + "…"
 
 
-def _table_rows(table: str, terms: set[str]) -> str:
-    """A Markdown table as prose: the rows that mention a term, cells joined by " — "."""
-    rows = []
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if all(set(c) <= set("-: ") for c in cells):
-            continue  # the header separator
-        if {w.lower() for w in _WORD.findall(line)} & terms:
-            rows.append(" — ".join(c for c in cells if c))
-    return "; ".join(rows)
+@dataclass(frozen=True, slots=True)
+class _Paragraph:
+    """One paragraph of a document, split into words once. A Markdown table keeps its rows
+    (cells joined by " — ", with their words): a search shows only the rows that match."""
+
+    file: str
+    heading: str
+    text: str
+    words: Counter[str]
+    rows: tuple[tuple[str, Counter[str]], ...] = ()
 
 
-def _search_docs(paths: list[Path], query: str, limit: int = 5) -> dict[str, Any]:
+def _words(text: str) -> Counter[str]:
+    return Counter(w.lower() for w in _WORD.findall(text))
+
+
+def _paragraphs(path: Path, text: str) -> list[_Paragraph]:
+    out = []
+    heading = path.name
+    for para in re.split(r"\n\s*\n", text):
+        stripped = para.strip()
+        if stripped.startswith("#"):
+            heading = stripped.splitlines()[0].lstrip("#").strip()
+        if stripped.startswith("|"):
+            rows = []
+            for line in stripped.splitlines():
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                if all(set(c) <= set("-: ") for c in cells):
+                    continue  # the header separator
+                rows.append((" — ".join(c for c in cells if c), _words(line)))
+            out.append(_Paragraph(path.name, heading, "", Counter(), tuple(rows)))
+        else:
+            out.append(_Paragraph(path.name, heading, stripped, _words(stripped)))
+    return out
+
+
+class _DocIndex:
+    """The documents, read and split once (again only when a file changes): a search is a
+    scan of word counts, so the tool stays cheap for the event loop it shares the
+    interpreter with."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self._cache: dict[Path, tuple[float, list[_Paragraph]]] = {}
+
+    def paragraphs(self) -> list[_Paragraph]:
+        out: list[_Paragraph] = []
+        for path in self.paths:
+            try:
+                mtime = path.stat().st_mtime
+                cached = self._cache.get(path)
+                if cached is None or cached[0] != mtime:
+                    cached = (mtime, _paragraphs(path, path.read_text(encoding="utf-8")))
+                    self._cache[path] = cached
+            except OSError:
+                continue
+            out.extend(cached[1])
+        return out
+
+
+def _search_docs(index: _DocIndex, query: str, limit: int = 5) -> dict[str, Any]:
     terms = {w.lower() for w in _WORD.findall(query)}
     if not terms:
         return {"query": query, "hits": []}
     hits: list[tuple[int, str, str, str]] = []
-    for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError:
-            continue
-        heading = path.name
-        for para in re.split(r"\n\s*\n", text):
-            stripped = para.strip()
-            if stripped.startswith("#"):
-                heading = stripped.splitlines()[0].lstrip("#").strip()
-            if stripped.startswith("|"):
-                stripped = _table_rows(stripped, terms)
-            words = [w.lower() for w in _WORD.findall(stripped)]
-            score = sum(words.count(t) for t in terms)
-            if score:
-                hits.append((score, path.name, heading, snippet(stripped)))
+    for para in index.paragraphs():
+        if para.rows:
+            matched = [(text, words) for text, words in para.rows if terms & words.keys()]
+            score = sum(words[t] for _text, words in matched for t in terms)
+            text = "; ".join(t for t, _words in matched)
+        else:
+            score = sum(para.words[t] for t in terms)
+            text = para.text
+        if score:
+            hits.append((score, para.file, para.heading, snippet(text)))
     hits.sort(key=lambda h: (-h[0], h[1], h[2]))
     return {
         "query": query,
@@ -262,10 +306,10 @@ def default_docs_paths() -> list[str]:
 
 
 def docs_search_tool(paths: Iterable[str] = ()) -> Tool:
-    files = [Path(p) for p in (list(paths) or default_docs_paths())]
+    index = _DocIndex([Path(p) for p in (list(paths) or default_docs_paths())])
 
     def docs_search(query: str) -> dict[str, Any]:
-        return _search_docs(files, query)
+        return _search_docs(index, query)
 
     return Tool(
         name="docs_search",
