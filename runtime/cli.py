@@ -204,10 +204,12 @@ def _settle_garbage_collector() -> None:
     """A long-lived server: what exists once it is built (modules, the app, the registries)
     lives as long as the process, so full collections need not walk it again and again
     (``gc.freeze``), and young collections run less often (their pauses show in the event
-    loop's latency)."""
+    loop's latency). Worker threads (the SQLite writer, sync tools) hand the interpreter back
+    to the event loop every millisecond rather than every five."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+    sys.setswitchinterval(0.001)
 
 
 #: The cyclic collector's first-generation threshold for server processes (CPython: 700).
