@@ -15,11 +15,12 @@ report rounds work the same, their traces simply have no model spans.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, cast
+
+from ..loading import import_object
 
 __all__ = [
     "Agent",
@@ -108,12 +109,7 @@ Agent = Callable[[RunContext], Awaitable[str]]
 
 def load_agent(spec: str) -> Agent:
     """``module:function`` → the function."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"agent must be given as module:function, got {spec!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    obj = import_object(spec, "an agent as module:function")
     if not callable(obj):
         raise TypeError(f"{spec} is not callable")
     return cast(Agent, obj)

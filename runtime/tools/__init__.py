@@ -6,13 +6,14 @@ The engine, not the tool, emits ``tool_executing``/``tool_completed`` around eve
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
+
+from ..loading import import_object
 
 __all__ = [
     "Tool",
@@ -142,12 +143,7 @@ def load_tool(spec: str) -> Tool:
     name, sep, target = spec.partition("=")
     if not sep:
         name, target = "", spec
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"a tool is given as [NAME=]module:object, got {spec!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    obj = import_object(target, "a tool as [NAME=]module:object")
     if isinstance(obj, Tool):
         return Tool(name or obj.name, obj.description, obj.func, obj.parameters, obj.timeout_s)
     if callable(obj):
