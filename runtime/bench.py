@@ -366,9 +366,12 @@ async def _runwatch_frame_bytes(target: Target, size: int) -> int:
         await streamer.close()
 
 
-async def _latency(target: Target, clients: int, runs: int, seconds: float) -> dict[str, Any]:
+async def _latency(
+    target: Target, clients: int, runs: int, seconds: float, rate: float | None = None
+) -> dict[str, Any]:
     """Closed loop first (``clients`` × ``runs`` chats back to back: the maximum run rate),
-    then an open loop of Poisson arrivals at half that rate over the same ``clients``."""
+    then an open loop of Poisson arrivals at half that rate (or at ``rate`` runs/s, to compare
+    runs at the same load) over the same ``clients``."""
     url = f"ws://127.0.0.1:{target.port}/ws"
     closed_latencies: list[float] = []
     started = time.monotonic()
@@ -376,7 +379,7 @@ async def _latency(target: Target, clients: int, runs: int, seconds: float) -> d
         *(_client_load(url, f"closed{i}", runs, closed_latencies) for i in range(clients))
     )
     max_rate = clients * runs / (time.monotonic() - started)
-    rate = max_rate / 2
+    rate = rate or max_rate / 2
 
     sdk = [RunwatchClient(url, TokenAuthority(SECRET).mint(f"open{i}")) for i in range(clients)]
     await asyncio.gather(*(c.connect() for c in sdk))
@@ -543,13 +546,16 @@ async def _compare(args: argparse.Namespace, targets: list[Target]) -> dict[str,
     print()
 
     if args.latency_s > 0:
+        load = (
+            f"{args.latency_rate:g} runs/s" if args.latency_rate else "half the closed-loop maximum"
+        )
         print(
-            f"emit-to-client latency, {args.clients} clients chatting `demo`, open loop at half "
-            f"the closed-loop maximum, {args.latency_s:g} s:"
+            f"emit-to-client latency, {args.clients} clients chatting `demo`, open loop at "
+            f"{load}, {args.latency_s:g} s:"
         )
         result["latency"] = {}
         for t in runwatches:
-            lat = await _latency(t, args.clients, args.runs, args.latency_s)
+            lat = await _latency(t, args.clients, args.runs, args.latency_s, args.latency_rate)
             result["latency"][t.name] = lat
             print(
                 f"  {t.name:<18} max {lat['max_runs_per_s']} runs/s closed loop; offered "
@@ -573,6 +579,12 @@ def _compare_main(argv: list[str]) -> int:
     parser.add_argument("--size", type=int, default=200, help="text_delta characters")
     parser.add_argument("--runs", type=int, default=4, help="closed-loop chats per client")
     parser.add_argument("--latency-s", type=float, default=10.0, help="open-loop duration")
+    parser.add_argument(
+        "--latency-rate",
+        type=float,
+        default=None,
+        help="open-loop runs/s (default: half the measured closed-loop maximum)",
+    )
     parser.add_argument("--idle", type=int, default=500, help="idle connections (0: skip)")
     pg = parser.add_mutually_exclusive_group()
     pg.add_argument("--postgres", action="store_true", help="require runwatch on PostgreSQL")
