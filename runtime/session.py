@@ -299,22 +299,23 @@ class Session:
                 error = await runs.resume(conn, frame.run_id, frame.after_seq)
             elif isinstance(frame, Cancel):
                 error = await runs.cancel(self.user_id, frame.run_id)
-        except StoreRejected as exc:
-            # The store refuses this data for good: retrying the same frame cannot help.
-            log.warning("store refused %s: %s", type(frame).__name__, exc)
-            ref = frame.client_msg_id if isinstance(frame, Chat) else getattr(frame, "run_id", None)
-            error = FrameError(
-                ProtocolErrorCode.INVALID_MESSAGE, "the audit store cannot hold this message", ref
-            )
         except StoreError as exc:
-            # The audit store is briefly unavailable: a retryable answer, never a crash.
             log.warning("store error while handling %s: %s", type(frame).__name__, exc)
             ref = frame.client_msg_id if isinstance(frame, Chat) else getattr(frame, "run_id", None)
-            error = FrameError(
-                ProtocolErrorCode.RATE_LIMITED,
-                "the audit store is temporarily unavailable; retry shortly",
-                ref,
-            )
+            if isinstance(exc, StoreRejected):
+                # The store refuses this data for good: retrying the same frame cannot help.
+                error = FrameError(
+                    ProtocolErrorCode.INVALID_MESSAGE,
+                    "the audit store cannot hold this message",
+                    ref,
+                )
+            else:
+                # The audit store is briefly unavailable: a retryable answer, never a crash.
+                error = FrameError(
+                    ProtocolErrorCode.RATE_LIMITED,
+                    "the audit store is temporarily unavailable; retry shortly",
+                    ref,
+                )
         except Exception:
             # A bug, not bad input: logged with its traceback, and only this socket closes
             # (1011); the user's other tabs and runs are untouched.

@@ -474,18 +474,18 @@ class AuditStore:
         ``replacing`` None: only when no row exists. Otherwise a compare-and-set on the row
         as it was read (holder and expiry), so of several claimants exactly one wins, and a
         holder that renewed in between keeps its lease."""
+        values = {
+            "holder": lease.holder,
+            "host": lease.host,
+            "pid": lease.pid,
+            "acquired_us": lease.acquired_us,
+            "expires_us": lease.expires_us,
+        }
         async with self._tx() as conn:
             if replacing is None:
                 res = await conn.execute(
                     self._insert(InstanceLeaseRow)
-                    .values(
-                        instance_id=lease.instance_id,
-                        holder=lease.holder,
-                        host=lease.host,
-                        pid=lease.pid,
-                        acquired_us=lease.acquired_us,
-                        expires_us=lease.expires_us,
-                    )
+                    .values(instance_id=lease.instance_id, **values)
                     .on_conflict_do_nothing(index_elements=["instance_id"])
                 )
             else:
@@ -496,13 +496,7 @@ class AuditStore:
                         InstanceLeaseRow.holder == replacing.holder,
                         InstanceLeaseRow.expires_us == replacing.expires_us,
                     )
-                    .values(
-                        holder=lease.holder,
-                        host=lease.host,
-                        pid=lease.pid,
-                        acquired_us=lease.acquired_us,
-                        expires_us=lease.expires_us,
-                    )
+                    .values(**values)
                 )
             return (res.rowcount or 0) == 1
 
