@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.config import Settings
 from runtime.events import now_us
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .queries import (
     SINCE_HELP,

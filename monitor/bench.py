@@ -49,7 +49,7 @@ from runtime.auth import TokenAuthority
 from runtime.events import Event, Receipt, new_id, now_us
 from runtime.lifecycle import RunLifecycle
 from runtime.store.migrate import upgrade
-from runtime.store.recorder import AuditStore, Batch, RunInfo
+from runtime.store.audit import AuditStore, Batch, RunInfo
 
 from .checker import Checker, CheckerConfig
 from .metrics import MonitorMetrics

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from runtime.config import Settings
 from runtime.events import now_us
 from runtime.store.models import RunRow
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .checker import load_many
 from .rules import RuleConfig, RunFacts, RunState, check_run, run_state

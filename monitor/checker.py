@@ -49,7 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from runtime.events import Event, EventType, Receipt, now_us
 from runtime.store.errors import translate
 from runtime.store.models import DeliveryRow, EventRow, RunRow
-from runtime.store.recorder import AuditStore, StoreError
+from runtime.store.audit import AuditStore, StoreError
 
 from .metrics import MonitorMetrics
 from .models import MonitorPosition, PendingRun, VerdictRow, ViolationRow

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from runtime import __version__
 from runtime.apidocs import build_docs_router
 from runtime.config import Settings
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .api import MonitorAuth, build_api
 from .check import rule_config

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from runtime.config import Settings
 from runtime.events import now_us
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 from runtime.tracing import run_id_of, trace_id_of, trace_url
 
 from .api import COOKIE, MonitorAuth

@@ -282,7 +282,7 @@ def _store_name(url: str) -> str:
 
 
 def _purge(args: argparse.Namespace) -> int:
-    from .store.recorder import AuditStore
+    from .store.audit import AuditStore
 
     settings = _settings(args)
     missing = _existing_store(settings)
@@ -480,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     only with ``--debug``)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .store.recorder import StoreError
+    from .store.audit import StoreError
 
     args = build_parser().parse_args(argv)
     try:

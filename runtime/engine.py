@@ -35,7 +35,7 @@ from .hub import Hub
 from .lifecycle import LifecycleError, RunLifecycle, RunOutcome
 from .metrics import UNKNOWN_TOOL, RuntimeMetrics
 from .pipeline import Emitted, Outbox, RunSink
-from .store.recorder import AuditStore, RunInfo
+from .store.audit import AuditStore, RunInfo
 from .store.writer import AuditWriter
 from .tools import ToolArgumentError, ToolRegistry
 

@@ -27,7 +27,7 @@ from .events import Event, EventType, Receipt, now_us
 from .metrics import RuntimeMetrics
 from .pipeline import Emitted
 from .protocol import CLOSE_REASONS, CloseCode, dumps
-from .store.recorder import AckUpdate
+from .store.audit import AckUpdate
 
 __all__ = ["Connection", "FailureReason", "Hub", "Transport"]
 

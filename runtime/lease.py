@@ -33,7 +33,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter
 
 from .store.errors import StoreError
-from .store.recorder import AuditStore, Lease
+from .store.audit import AuditStore, Lease
 
 __all__ = ["InstanceLease", "LeaseError", "LeaseHeld", "host_key"]
 

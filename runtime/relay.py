@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter
 
 from .events import Event
-from .store.recorder import AuditStore, StoreError
+from .store.audit import AuditStore, StoreError
 
 __all__ = ["RESYNC_REASONS", "Relay", "ResyncReason"]
 

@@ -21,7 +21,7 @@ from .hub import Connection, Hub
 from .metrics import RuntimeMetrics
 from .protocol import Chat, FrameError, ProtocolErrorCode, resumed_frame
 from .ratelimit import TokenBuckets
-from .store.recorder import AuditStore, RunInfo
+from .store.audit import AuditStore, RunInfo
 from .store.writer import AuditWriter
 
 __all__ = ["Accepted", "RemoteCancel", "RunService"]

@@ -41,7 +41,7 @@ from .relay import Relay
 from .runs import RunService
 from .session import SessionConfig, SocketServer
 from .store.journal import Journal
-from .store.recorder import AuditStore
+from .store.audit import AuditStore
 from .store.writer import AuditWriter, DeliveryLog
 from .threads import build_threads_router
 from .tools import ToolRegistry, builtin_tools

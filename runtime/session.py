@@ -43,7 +43,7 @@ from .protocol import (
 )
 from .runs import RunService
 from .store.errors import StoreRejected
-from .store.recorder import ConnectionClose, ConnectionOpen, StoreError
+from .store.audit import ConnectionClose, ConnectionOpen, StoreError
 from .store.writer import DeliveryLog
 
 __all__ = ["Session", "SessionConfig", "SocketServer"]

@@ -41,7 +41,7 @@ from .pipeline import Emitted
 if TYPE_CHECKING:
     from .config import Settings
     from .hub import DeliveryRecorder
-    from .store.recorder import AckUpdate
+    from .store.audit import AckUpdate
 
 __all__ = [
     "CAPTURE_CONTENT_ENV",

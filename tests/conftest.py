@@ -30,7 +30,7 @@ from runtime.client import RunwatchClient
 from runtime.config import Settings
 from runtime.server import Runtime, create_app
 from runtime.store.migrate import upgrade
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 from runtime.tools import ToolRegistry
 
 JWT_SECRET = "test-secret-not-for-production-0123456789"

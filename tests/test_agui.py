@@ -280,7 +280,7 @@ def test_retried_post_replays_the_same_run(
     assert again["events"] == first["events"]
 
     async def runs_with_id() -> int:
-        from runtime.store.recorder import AuditStore
+        from runtime.store.audit import AuditStore
 
         store = AuditStore.open(results_and_db[1])
         try:
@@ -335,7 +335,7 @@ def test_runs_are_ordinary_runs_in_the_store_and_clean_under_runwatch_check(
     db = results_and_db[1]
 
     async def read() -> tuple[list[Any], list[Any], list[Any], list[Any]]:
-        from runtime.store.recorder import AuditStore
+        from runtime.store.audit import AuditStore
 
         store = AuditStore.open(db)
         try:

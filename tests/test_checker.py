@@ -22,7 +22,7 @@ from monitor.models import VerdictRow, ViolationRow
 from monitor.rules import RuleConfig
 from runtime.events import ErrorCode, Event, EventType, Receipt, new_id
 from runtime.lifecycle import RunLifecycle
-from runtime.store.recorder import AuditStore, Batch, RunInfo
+from runtime.store.audit import AuditStore, Batch, RunInfo
 
 from .conftest import make_settings, serve_runtime
 

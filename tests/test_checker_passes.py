@@ -20,7 +20,7 @@ from monitor.metrics import MonitorMetrics
 from monitor.models import MonitorPosition, PendingRun, VerdictRow, ViolationRow
 from runtime.events import new_id
 from runtime.store.models import EventRow, RunRow
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .conftest import wait_until
 from .test_checker import CONFIG, RULES, healthy_events, now_us, receipts, verdicts, write_run

@@ -12,7 +12,7 @@ from pathlib import Path
 from runtime.auth import TokenAuthority
 from runtime.cli import build_parser, parse_duration
 from runtime.store.migrate import current_revision, head_revision
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .conftest import JWT_SECRET, sqlite_url
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from runtime.client import RunwatchClient
 from runtime.events import Event, EventType
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .conftest import JWT_SECRET, make_token, sqlite_url, start_server_process, wait_until
 from .invariants import assert_valid

@@ -18,7 +18,7 @@ from monitor.check import judge_runs
 from monitor.rules import RuleConfig
 from runtime.client import RunwatchClient, RunwatchError
 from runtime.events import Event
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .conftest import JWT_SECRET, free_port, make_token, sqlite_url, start_server_process
 from .invariants import assert_valid

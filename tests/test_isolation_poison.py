@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from runtime.client import RunwatchClient
 from runtime.protocol import FrameError, ProtocolErrorCode, dumps, parse_client_frame
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .conftest import make_settings, serve_runtime, wait_until
 

@@ -17,7 +17,7 @@ import websockets
 
 from runtime.events import EventType
 from runtime.lease import InstanceLease, LeaseHeld
-from runtime.store.recorder import AuditStore, Lease, RunInfo
+from runtime.store.audit import AuditStore, Lease, RunInfo
 
 from .conftest import (
     JWT_SECRET,

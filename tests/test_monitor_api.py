@@ -19,7 +19,7 @@ from monitor.rules import Rule
 from monitor.service import create_monitor_app
 from runtime.config import Settings
 from runtime.events import ErrorCode, new_id
-from runtime.store.recorder import AuditStore, Batch, RunInfo
+from runtime.store.audit import AuditStore, Batch, RunInfo
 
 from .conftest import JWT_SECRET
 from .test_checker import CONFIG, lifecycle, now_us, write_corpus

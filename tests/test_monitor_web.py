@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runtime.events import new_id
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .conftest import (
     JWT_SECRET,

@@ -16,7 +16,7 @@ import pytest
 from runtime.client import RunwatchClient, RunwatchError
 from runtime.events import Event
 from runtime.store.journal import Journal
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .conftest import make_settings, serve_runtime, wait_until
 from .faultproxy import FaultProxy

@@ -26,7 +26,7 @@ from runtime.agents import AgentRegistry, RunContext
 from runtime.agents.flood import flood_agent
 from runtime.client import ConnectionClosed, RunwatchClient
 from runtime.events import Event, EventType
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 from runtime.tools import Tool, builtin_tools
 
 from .conftest import (

@@ -35,7 +35,7 @@ import pytest
 from runtime.client import RunwatchClient, RunwatchError
 from runtime.events import Event, EventType, Receipt, new_id, now_us
 from runtime.lifecycle import RunLifecycle
-from runtime.store.recorder import AuditStore, Batch, RunInfo
+from runtime.store.audit import AuditStore, Batch, RunInfo
 
 from .conftest import (
     JWT_SECRET,

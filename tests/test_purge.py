@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from runtime.events import Event, EventType, Receipt
 from runtime.store.migrate import upgrade
-from runtime.store.recorder import AuditStore, Batch, RunInfo
+from runtime.store.audit import AuditStore, Batch, RunInfo
 
 from .conftest import sqlite_url
 

@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 from runtime.agents import AgentRegistry, RunContext, ToolError
 from runtime.client import RunwatchClient
 from runtime.events import EventType, new_id, now_us
-from runtime.store.recorder import RunInfo
+from runtime.store.audit import RunInfo
 
 from .conftest import LiveServer, make_settings, serve_runtime, sqlite_url, wait_until
 from .invariants import assert_valid

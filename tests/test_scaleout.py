@@ -14,7 +14,7 @@ import pytest
 
 from runtime.client import RunwatchClient
 from runtime.events import EventType
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 
 from .conftest import (
     JWT_SECRET,

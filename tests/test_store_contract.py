@@ -14,7 +14,7 @@ from runtime.events import Event, EventType, Receipt, new_id
 from runtime.lifecycle import RunLifecycle
 from runtime.metrics import RuntimeMetrics
 from runtime.pipeline import Emitted
-from runtime.store.recorder import (
+from runtime.store.audit import (
     AckUpdate,
     AuditStore,
     Batch,

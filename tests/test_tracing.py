@@ -34,7 +34,7 @@ from monitor.web import build_web
 from runtime.events import EventType, Receipt, new_id
 from runtime.pipeline import Emitted
 from runtime.store.migrate import upgrade
-from runtime.store.recorder import AuditStore
+from runtime.store.audit import AuditStore
 from runtime.store.writer import DeliveryLog
 from runtime.tracing import (
     RunTracer,

@@ -39,7 +39,7 @@ from runtime.store.errors import StoreRejected, StoreUnavailable, storable, tran
 from runtime.store.journal import Journal, JournalError
 from runtime.store.migrate import upgrade
 from runtime.store.models import ConnectionRow
-from runtime.store.recorder import AuditStore, Batch, ConnectionOpen
+from runtime.store.audit import AuditStore, Batch, ConnectionOpen
 
 from .conftest import LiveServer, make_settings, serve_runtime, sqlite_url, wait_until
 from .faultproxy import FaultProxy

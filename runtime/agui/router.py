@@ -30,7 +30,7 @@ from ..hub import Connection, Hub
 from ..protocol import MAX_CHAT_CHARS, Chat, FrameError, ProtocolErrorCode
 from ..runs import RunService
 from ..store.reads import thread_runs
-from ..store.recorder import AuditStore, ConnectionClose, ConnectionOpen, RunInfo
+from ..store.audit import AuditStore, ConnectionClose, ConnectionOpen, RunInfo
 from ..store.writer import DeliveryLog
 from .mapping import RunTranslator, SequenceGap
 from .stream import SSE_CLIENT, AguiStream, EventStreamResponse, Mode, SseTransport

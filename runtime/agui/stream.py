@@ -33,7 +33,7 @@ from ..events import Event, EventType, now_us
 from ..hub import Connection, Hub
 from ..protocol import CloseCode
 from ..runs import RunService
-from ..store.recorder import ConnectionClose
+from ..store.audit import ConnectionClose
 from ..store.writer import DeliveryLog
 from .mapping import RunTranslator, SequenceGap, frame_id, sse_frames
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import StoreError, StoreRejected, StoreUnavailable
-from .recorder import (
+from .audit import (
     AckUpdate,
     AuditStore,
     Batch,

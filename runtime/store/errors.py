@@ -1,6 +1,6 @@
 """Store errors: what a driver error means for the writer, decided once, at the store boundary.
 
-Every exception that leaves :class:`~runtime.store.recorder.AuditStore` is a
+Every exception that leaves :class:`~runtime.store.audit.AuditStore` is a
 :class:`StoreError`. The question the writer asks is only "can retrying help?", so the tree
 has two branches, decided from the exception's type and its SQLSTATE, never from its message::
 

@@ -35,7 +35,7 @@ def current_revision(url: str) -> str | None:
     """The schema revision the database is at (None for an empty database)."""
     import asyncio
 
-    from .recorder import make_engine
+    from .audit import make_engine
 
     async def _get() -> str | None:
         engine = make_engine(url)

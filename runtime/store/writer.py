@@ -49,7 +49,7 @@ from ..metrics import RuntimeMetrics
 from ..pipeline import CommittedSink, Emitted
 from .errors import StoreError, StoreUnavailable, describe, storable
 from .journal import Journal, JournalError
-from .recorder import (
+from .audit import (
     AckUpdate,
     AuditStore,
     Batch,

@@ -9,7 +9,7 @@ from sqlalchemy.engine import Connection
 
 import monitor.models  # noqa: F401  (the monitor tables share the metadata)
 from runtime.store.models import Base
-from runtime.store.recorder import make_engine
+from runtime.store.audit import make_engine
 
 config = context.config
 target_metadata = Base.metadata
