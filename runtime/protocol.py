@@ -12,9 +12,9 @@ rule below is tested with strings.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from .events import dumps as _dumps
 
@@ -35,6 +35,7 @@ __all__ = [
     "error_frame",
     "parse_client_frame",
     "poisoned_field",
+    "serialize_client_frame",
 ]
 
 PROTOCOL_VERSION = 1
@@ -80,14 +81,39 @@ class ProtocolErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
 
 
+class _ClientFrameBase:
+    """The serialize half of a client frame's parse/serialize pair (:func:`parse_client_frame`
+    is the other): used by the SDK, the benchmarks and the tests, so no client writes a frame
+    by hand. Optional fields that are None are left out, as a client would."""
+
+    __slots__ = ()
+    TYPE: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": self.TYPE}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is not None:
+                frame[f.name] = value
+        return frame
+
+    def serialize(self) -> str:
+        """The frame as JSON text, ready for a WebSocket text frame."""
+        # ASCII escapes: a frame carrying a lone surrogate (a test of the server's poison
+        # check) still encodes as UTF-8 on the socket.
+        return json.dumps(self.to_dict())
+
+
 @dataclass(frozen=True, slots=True)
-class Connect:
+class Connect(_ClientFrameBase):
+    TYPE: ClassVar[str] = "connect"
     token: str
     client: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Chat:
+class Chat(_ClientFrameBase):
+    TYPE: ClassVar[str] = "chat"
     text: str
     client_msg_id: str
     thread_id: str | None = None
@@ -95,25 +121,28 @@ class Chat:
 
 
 @dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(_ClientFrameBase):
+    TYPE: ClassVar[str] = "ack"
     run_id: str
     seq: int
 
 
 @dataclass(frozen=True, slots=True)
-class Resume:
+class Resume(_ClientFrameBase):
+    TYPE: ClassVar[str] = "resume"
     run_id: str
     after_seq: int
 
 
 @dataclass(frozen=True, slots=True)
-class Cancel:
+class Cancel(_ClientFrameBase):
+    TYPE: ClassVar[str] = "cancel"
     run_id: str
 
 
 @dataclass(frozen=True, slots=True)
-class Ping:
-    pass
+class Ping(_ClientFrameBase):
+    TYPE: ClassVar[str] = "ping"
 
 
 ClientFrame = Connect | Chat | Ack | Resume | Cancel | Ping
@@ -279,6 +308,12 @@ def parse_client_frame(text: str | bytes) -> ClientFrame | FrameError:
         return FrameError(ProtocolErrorCode.INVALID_MESSAGE, f"{kind}: {exc}", ref)
     shown = kind if len(kind) <= 40 else kind[:40] + "…"
     return FrameError(ProtocolErrorCode.UNKNOWN_TYPE, f"unknown frame type {shown!r}", ref)
+
+
+def serialize_client_frame(frame: ClientFrame) -> str:
+    """The inverse of :func:`parse_client_frame`: ``parse_client_frame(serialize_client_frame(f))
+    == f`` for every valid frame."""
+    return frame.serialize()
 
 
 def error_frame(code: ProtocolErrorCode, message: str, ref: str | None = None) -> dict[str, Any]:
