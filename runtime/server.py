@@ -62,6 +62,10 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:100] or "runtime"
 
 
+def _hook_name(hook: Callable[..., object]) -> str:
+    return getattr(hook, "__qualname__", None) or repr(hook)
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -261,8 +265,12 @@ class Runtime:
             await self.broker.close()
         await self.relay.close()
         for hook in self.on_stop:
-            with contextlib.suppress(Exception):
+            try:
                 await hook()
+            except Exception:
+                # One failing hook must not keep the others (the monitor's checker, the
+                # tracer's export) from stopping; what failed is said, with its traceback.
+                log.exception("shutdown: the on_stop hook %s failed", _hook_name(hook))
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
