@@ -76,7 +76,7 @@ CONNECTION_RESULTS: tuple[str, ...] = (
 )
 #: ``result`` of ``runwatch_resumes_total`` (set in ``runtime/runs.py``).
 RESUME_RESULTS: tuple[str, ...] = ("ok", "not_found")
-#: ``reason`` of ``runwatch_event_delivery_failures_total`` (``runtime.hub.FailureReason``).
+#: ``reason`` of ``runwatch_event_delivery_failures_total`` (``runtime.delivery.FailureReason``).
 DELIVERY_FAILURE_REASONS: tuple[str, ...] = (
     "disconnected",
     "slow_consumer",

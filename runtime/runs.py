@@ -17,10 +17,11 @@ from typing import Any, Protocol
 
 from .engine import Engine
 from .events import new_id, now_us
-from .hub import Connection, Hub
+from .hub import Hub
 from .metrics import RuntimeMetrics
-from .protocol import Chat, FrameError, ProtocolErrorCode, resumed_frame
+from .protocol import Chat, FrameError, ProtocolErrorCode
 from .ratelimit import TokenBuckets
+from .sender import Connection
 from .store.audit import AuditStore, RunInfo
 from .store.writer import AuditWriter
 
@@ -161,40 +162,37 @@ class RunService:
 
     # ---- ack / resume / cancel ----------------------------------------------------------
 
-    async def ack(self, conn: Connection, run_id: str, seq: int) -> FrameError | None:
-        if run_id not in conn.sent and await self.owned_run(conn.user_id, run_id) is None:
+    async def check_owner(self, user_id: str, run_id: str) -> FrameError | None:
+        """``not_found`` unless the run is the user's (an ack of a run never sent here)."""
+        if await self.owned_run(user_id, run_id) is None:
             return _not_found(run_id)
-        await self.hub.ack(conn, run_id, seq)
         return None
 
+    async def record_ack(self, conn: Connection, run_id: str, seq: int) -> None:
+        """``conn`` acknowledged up to ``seq`` (clamped and advancing: its protocol said so)."""
+        await self.hub.ack(conn, run_id, seq)
+
     async def resume(self, conn: Connection, run_id: str, after_seq: int) -> FrameError | None:
-        """Replay ``seq > after_seq`` from the store, send ``resumed``, then continue live."""
+        """Replay ``seq > after_seq`` from the store, send ``resumed``, then continue live
+        (the splice is the connection's rule: ``ConnectionProtocol.begin_resume``)."""
         run = await self.owned_run(conn.user_id, run_id)
         if run is None:
             self.metrics.resumes.labels(result="not_found").inc()
             return _not_found(run_id)
         run = await self._settle_orphan(run)
-        # Buffer live events first, then read the store: an event is either in the replay
-        # or in the buffer (or both, and then sent once), never in neither.
-        buffer = self.hub.begin_resume(conn, run.run_id)
+        self.hub.begin_resume(conn, run.run_id)
         try:
             events = await self.store.run_events(run.run_id, after_seq)
+            for event in events:
+                # Flow control: a long replay waits for the socket instead of filling the queue.
+                await conn.wait_writable()
+                conn.protocol.replay(event)
+                conn.flush()
         except BaseException:
-            self.hub.end_resume(conn, run.run_id, subscribe=False)
+            # Not swallowed: the error goes on to the caller; only the hold ends here.
+            self.hub.abort_resume(conn, run.run_id)
             raise
-        for event in events:
-            # Flow control: a long replay waits for the socket instead of filling the queue.
-            await conn.wait_writable()
-            conn.send_event(event, live=False, replayed=True)
-        last = max([after_seq, *(e.seq for e in events)])
-        conn.send_frame(resumed_frame(run.run_id, after_seq, len(events)))
-        ended = any(e.is_terminal for e in events) or run.ended_us is not None
-        for event in buffer:
-            if event.seq > last:
-                conn.send_event(event, live=True)
-                last = event.seq
-                ended = ended or event.is_terminal
-        self.hub.end_resume(conn, run.run_id, subscribe=not ended)
+        self.hub.finish_resume(conn, run.run_id, after_seq, events, run.ended_us is not None)
         self.metrics.resumes.labels(result="ok").inc()
         return None
 

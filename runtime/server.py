@@ -29,6 +29,7 @@ from .apidocs import build_docs_router
 from .auth import AuthError, TokenAuthority, valid_user_id
 from .broker import RedisBroker
 from .config import Settings
+from .delivery import DeliveryTracker
 from .engine import Engine, EngineConfig
 from .events import ErrorCode, now_us
 from .hub import Hub
@@ -40,8 +41,8 @@ from .ratelimit import TokenBuckets
 from .relay import Relay
 from .runs import RunService
 from .session import SessionConfig, SocketServer
-from .store.journal import Journal
 from .store.audit import AuditStore
+from .store.journal import Journal
 from .store.writer import AuditWriter, DeliveryLog
 from .threads import build_threads_router
 from .tools import ToolRegistry, builtin_tools
@@ -108,14 +109,19 @@ class Runtime:
             if settings.redis_url
             else None
         )
-        self.hub = Hub(
+        self.delivery = DeliveryTracker(
             metrics,
             deliveries if tracer is None else tracer.recorder(deliveries),
             settle_unknown=self._settle_unknown,
+            observer=tracer,
+        )
+        self.hub = Hub(
+            metrics,
+            self.delivery,
             remote=self.broker,
             max_connections_per_user=settings.max_connections_per_user,
             max_queue_bytes=settings.send_queue_bytes,
-            observer=tracer,
+            max_bad_frames=settings.max_bad_frames,
         )
         sinks: list[RunSink] = [self.hub]
         if self.broker is not None:
@@ -235,7 +241,7 @@ class Runtime:
     async def _sweeper(self) -> None:
         while True:
             await asyncio.sleep(30)
-            self.hub.sweep()
+            self.delivery.sweep()
 
     async def shutdown(self, drain_s: float | None = None) -> None:
         """Graceful stop (SPEC section 9): stop accepting, let runs finish for ``drain_s``, end

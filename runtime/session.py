@@ -1,16 +1,17 @@
-"""The ``/ws`` socket handler: one :class:`Session` per WebSocket.
+"""The ``/ws`` socket handler: it feeds a :class:`~runtime.connection.ConnectionProtocol` and
+carries out what it decides.
 
-The handshake is explicit: the first frame must be ``connect`` with a valid token within
-``connect_timeout_s``, or the socket is closed with ``4401`` and nothing else is read. After it,
-each client frame is parsed by :mod:`runtime.protocol` and answered in order; bad frames get an
-``error`` frame and the connection stays, until ``max_bad_frames`` in a row close it with
-``4400``. Internal exception text never reaches the client.
+Every rule of the connection (connect first or ``4401``, the frame size, bad frames in a row,
+ack clamping, the resume splice) lives in ``connection.py`` and is tested without a socket. This
+module only reads frames from the WebSocket, hands them to the protocol, answers the requests
+it returns (token verification, then :class:`~runtime.runs.RunService` for chat, ack, resume and
+cancel) and closes the socket when the protocol has closed. Internal exception text never
+reaches the client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -20,43 +21,31 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from .auth import AuthError, Identity, TokenAuthority
+from .connection import CheckOwner, ConnectionProtocol, Request
 from .events import new_id, now_us
-from .hub import Connection, Hub
+from .hub import Hub
 from .metrics import RuntimeMetrics
 from .protocol import (
     CLOSE_REASONS,
-    MAX_FRAME_BYTES,
     Ack,
     Cancel,
     Chat,
     CloseCode,
     Connect,
     FrameError,
-    Ping,
     ProtocolErrorCode,
     Resume,
-    connected_frame,
-    error_frame,
-    parse_client_frame,
-    pong_frame,
     run_accepted_frame,
 )
 from .runs import RunService
-from .store.errors import StoreRejected
+from .sender import Connection
 from .store.audit import ConnectionClose, ConnectionOpen, StoreError
+from .store.errors import StoreRejected
 from .store.writer import DeliveryLog
 
 __all__ = ["Session", "SessionConfig", "SocketServer"]
 
 log = logging.getLogger("runwatch.session")
-
-_BAD_FRAME_CODES = frozenset(
-    {
-        ProtocolErrorCode.INVALID_JSON,
-        ProtocolErrorCode.INVALID_MESSAGE,
-        ProtocolErrorCode.UNKNOWN_TYPE,
-    }
-)
 
 
 class _SocketTransport:
@@ -73,9 +62,13 @@ class _SocketTransport:
             await self.ws.close(code, reason)
 
 
-async def _close(ws: WebSocket, code: CloseCode) -> None:
-    with contextlib.suppress(Exception):
-        await ws.close(int(code), CLOSE_REASONS[code])
+async def _close(ws: WebSocket, code: int) -> None:
+    """Close a socket that never became a connection (the handshake failed)."""
+    try:
+        await ws.close(code, CLOSE_REASONS.get(CloseCode(code), ""))
+    except Exception as exc:
+        # The peer is gone already: nothing left to close.
+        log.debug("closing a refused socket: %r", exc)
 
 
 def _frame_text(message: Mapping[str, Any]) -> str | bytes | None:
@@ -117,64 +110,60 @@ class SocketServer:
 
     async def serve(self, ws: WebSocket) -> None:
         """Run one WebSocket from accept to close."""
-        metrics = self.metrics
         await ws.accept()
-        if not self.accepting():
-            metrics.connections.labels(result="shutting_down").inc()
-            await _close(ws, CloseCode.SERVER_RESTARTING)
+        protocol = ConnectionProtocol(max_bad_frames=self.config.max_bad_frames)
+        result, identity, client = await self._handshake(ws, protocol)
+        conn: Connection | None = None
+        if identity is not None:
+            conn = self.hub.open(new_id(), identity.user_id, _SocketTransport(ws), protocol)
+            if conn is None:
+                result = "too_many"
+                protocol.refuse(CloseCode.TOO_MANY_CONNECTIONS)
+        self.metrics.connections.labels(result=result).inc()
+        if conn is None or identity is None:
+            if protocol.close_code is not None:
+                await _close(ws, protocol.close_code)
             return
+        await Session(self, ws, conn, identity, client=client).run()
+
+    async def _handshake(
+        self, ws: WebSocket, protocol: ConnectionProtocol
+    ) -> tuple[str, Identity | None, str | None]:
+        """Wait for ``connect`` and verify its token: the ``runwatch_connections_total`` result,
+        and the identity when the token is good."""
+        if not self.accepting():
+            protocol.refuse(CloseCode.SERVER_RESTARTING)
+            return "shutting_down", None, None
         try:
             message = await asyncio.wait_for(ws.receive(), self.config.connect_timeout_s)
         except TimeoutError:
-            metrics.connections.labels(result="timeout").inc()
-            await _close(ws, CloseCode.UNAUTHORIZED)
-            return
+            protocol.connect_timed_out()
+            return "timeout", None, None
         except (WebSocketDisconnect, RuntimeError):
-            metrics.connections.labels(result="abandoned").inc()
-            return
+            return "abandoned", None, None
         if message["type"] == "websocket.disconnect":
-            metrics.connections.labels(result="abandoned").inc()
-            return
+            return "abandoned", None, None
         raw = _frame_text(message)
-        frame = parse_client_frame(raw) if raw is not None else None
-        if not isinstance(frame, Connect):
-            # Nothing is handled before the handshake: a frame before connect is unauthorized.
-            metrics.connections.labels(result="no_connect").inc()
-            await _close(ws, CloseCode.UNAUTHORIZED)
-            return
+        protocol.receive_frame(raw if raw is not None else b"")
+        requests = protocol.requests_received()
+        if not requests or not isinstance(requests[0], Connect):
+            # Nothing is handled before the handshake: the protocol closed with 4401 (or 1009
+            # for a frame over the size limit).
+            return "no_connect", None, None
+        connect = requests[0]
         try:
-            identity = self.tokens.verify(frame.token)
+            identity = self.tokens.verify(connect.token)
         except AuthError as exc:
             log.info("connect refused: %s", exc.reason)
-            metrics.connections.labels(result="unauthorized").inc()
-            await _close(ws, CloseCode.UNAUTHORIZED)
-            return
-        connection_id = new_id()
-        conn = self.hub.open(connection_id, identity.user_id, _SocketTransport(ws))
-        if conn is None:
-            metrics.connections.labels(result="too_many").inc()
-            await _close(ws, CloseCode.TOO_MANY_CONNECTIONS)
-            return
-        metrics.connections.labels(result="accepted").inc()
-        session = Session(self, ws, conn, identity, client=frame.client)
-        await session.run()
+            protocol.refuse(CloseCode.UNAUTHORIZED)
+            return "unauthorized", None, None
+        return "accepted", identity, connect.client
 
 
 class Session:
-    """Frame handling for one authenticated connection."""
+    """One authenticated connection: socket frames in, the protocol's decisions out."""
 
-    __slots__ = (
-        "bad_frames",
-        "client",
-        "close_code",
-        "config",
-        "conn",
-        "identity",
-        "metrics",
-        "runs",
-        "server",
-        "ws",
-    )
+    __slots__ = ("client", "config", "conn", "identity", "peer_close_code", "runs", "server", "ws")
 
     def __init__(
         self,
@@ -188,13 +177,12 @@ class Session:
         self.server = server
         self.config = server.config
         self.runs = server.runs
-        self.metrics = server.metrics
         self.ws = ws
         self.conn = conn
         self.identity = identity
         self.client = client
-        self.bad_frames = 0
-        self.close_code: int = CloseCode.NORMAL
+        #: The code the client closed with, when it closed first.
+        self.peer_close_code: int = CloseCode.NORMAL
 
     @property
     def user_id(self) -> str:
@@ -214,94 +202,70 @@ class Session:
         try:
             try:
                 active = await self.runs.active_runs(self.user_id)
-            except StoreError:
+            except StoreError as exc:
+                # The list is a convenience: the connection works without it, and the client
+                # can resume any run it knows.
+                log.warning("connected without active_runs: %s", exc)
                 active = []
-            conn.send_frame(connected_frame(conn.id, self.user_id, self.config.heartbeat_s, active))
+            conn.protocol.accept(conn.id, self.user_id, self.config.heartbeat_s, active)
+            conn.flush()
             await self._receive_frames()
         finally:
             expiry.cancel()
-            code = conn.close_code if conn.close_code is not None else self.close_code
+            code = conn.close_code if conn.close_code is not None else self.peer_close_code
             conn.close(code, send=False)
             server.hub.remove(conn, code)
             server.deliveries.connection_closed(ConnectionClose(conn.id, now_us(), int(code)))
             await conn.wait_closed()
 
     def _expired(self) -> None:
-        # A connection does not outlive its token: reconnect with a fresh one and resume.
-        self.conn.close(CloseCode.UNAUTHORIZED)
+        self.conn.protocol.token_expired()
+        self.conn.flush()
 
     async def _receive_frames(self) -> None:
         """Read and answer frames in order. Every frame already received is handled without
         yielding in between, so a client's frames (a cancel behind many acks) are answered at
-        the speed they arrive. Once the hub closed the connection (slow consumer, expiry),
-        nothing more is handled; the read ends when the socket does."""
+        the speed they arrive. Once the connection closed (slow consumer, expiry, too many bad
+        frames), nothing more is handled; the read ends when the socket does."""
         conn = self.conn
+        protocol = conn.protocol
+        errors = self.server.metrics.protocol_errors
         while True:
             try:
                 message = await self.ws.receive()
             except (WebSocketDisconnect, RuntimeError):
                 return
             if message["type"] == "websocket.disconnect":
-                self.close_code = int(message.get("code") or CloseCode.NORMAL)
+                self.peer_close_code = int(message.get("code") or CloseCode.NORMAL)
                 return
-            if conn.closed:
+            if protocol.closed:
                 return
             raw = _frame_text(message)
             if raw is None:
                 continue
-            if len(raw) > MAX_FRAME_BYTES or (
-                isinstance(raw, str) and len(raw.encode("utf-8")) > MAX_FRAME_BYTES
-            ):
-                conn.close(CloseCode.FRAME_TOO_BIG)
-                return
-            await self._handle(raw)
-            if conn.closed:
+            protocol.receive_frame(raw)
+            for request in protocol.requests_received():
+                await self._carry_out(request)
+            for code in protocol.errors_sent():
+                errors.labels(code=code.value).inc()
+            conn.flush()
+            if protocol.closed:
                 return
 
-    def _error(self, err: FrameError) -> None:
-        self.metrics.protocol_errors.labels(code=err.code.value).inc()
-        self.conn.send_frame(error_frame(err.code, err.message, err.ref))
-        if err.code in _BAD_FRAME_CODES:
-            self.bad_frames += 1
-            if self.bad_frames >= self.config.max_bad_frames:
-                self.conn.close(CloseCode.PROTOCOL_VIOLATION)
-
-    async def _handle(self, raw: str | bytes) -> None:
-        frame = parse_client_frame(raw)
-        if isinstance(frame, FrameError):
-            self._error(frame)
-            return
-        if isinstance(frame, Connect):
-            self._error(FrameError(ProtocolErrorCode.INVALID_MESSAGE, "already connected"))
-            return
-        self.bad_frames = 0
-        runs, conn = self.runs, self.conn
-        error: FrameError | None = None
+    async def _carry_out(self, request: Request) -> None:
+        """Answer one request of the protocol; store errors become ``error`` frames."""
+        protocol = self.conn.protocol
         try:
-            if isinstance(frame, Ping):
-                conn.send_frame(pong_frame())
-            elif isinstance(frame, Ack):
-                error = await runs.ack(conn, frame.run_id, frame.seq)
-            elif isinstance(frame, Chat):
-                result = await runs.chat(self.user_id, frame)
-                if isinstance(result, FrameError):
-                    error = result
-                else:
-                    conn.send_frame(
-                        run_accepted_frame(
-                            frame.client_msg_id,
-                            result.run.run_id,
-                            result.run.thread_id,
-                            result.duplicate,
-                        )
-                    )
-            elif isinstance(frame, Resume):
-                error = await runs.resume(conn, frame.run_id, frame.after_seq)
-            elif isinstance(frame, Cancel):
-                error = await runs.cancel(self.user_id, frame.run_id)
+            error = await self._answer(request)
         except StoreError as exc:
-            log.warning("store error while handling %s: %s", type(frame).__name__, exc)
-            ref = frame.client_msg_id if isinstance(frame, Chat) else getattr(frame, "run_id", None)
+            log.warning("store error while handling %s: %s", type(request).__name__, exc)
+            ref = (
+                request.client_msg_id
+                if isinstance(request, Chat)
+                else None
+                if isinstance(request, Connect)
+                else request.run_id
+            )
             if isinstance(exc, StoreRejected):
                 # The store refuses this data for good: retrying the same frame cannot help.
                 error = FrameError(
@@ -319,8 +283,32 @@ class Session:
         except Exception:
             # A bug, not bad input: logged with its traceback, and only this socket closes
             # (1011); the user's other tabs and runs are untouched.
-            log.exception("internal error handling a %s frame", type(frame).__name__)
+            log.exception("internal error handling a %s frame", type(request).__name__)
             self.conn.close(CloseCode.INTERNAL_ERROR)
             return
         if error is not None:
-            self._error(error)
+            protocol.fail(error)
+
+    async def _answer(self, request: Request) -> FrameError | None:
+        runs, conn = self.runs, self.conn
+        if isinstance(request, Ack):
+            await runs.record_ack(conn, request.run_id, request.seq)
+            return None
+        if isinstance(request, CheckOwner):
+            return await runs.check_owner(self.user_id, request.run_id)
+        if isinstance(request, Chat):
+            result = await runs.chat(self.user_id, request)
+            if isinstance(result, FrameError):
+                return result
+            conn.protocol.answer(
+                run_accepted_frame(
+                    request.client_msg_id, result.run.run_id, result.run.thread_id, result.duplicate
+                )
+            )
+            return None
+        if isinstance(request, Resume):
+            return await runs.resume(conn, request.run_id, request.after_seq)
+        if isinstance(request, Cancel):
+            return await runs.cancel(self.user_id, request.run_id)
+        # A connect after the handshake never becomes a request (the protocol answers it).
+        raise AssertionError(f"unexpected request {request!r}")

@@ -40,7 +40,7 @@ from .pipeline import Emitted
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .hub import DeliveryRecorder
+    from .delivery import DeliveryRecorder
     from .store.audit import AckUpdate
 
 __all__ = [

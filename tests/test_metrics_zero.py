@@ -22,7 +22,7 @@ from monitor.metrics import RULES, VERDICTS, MonitorMetrics
 from monitor.rules import Rule
 from runtime.agents import AgentRegistry
 from runtime.events import EventType
-from runtime.hub import FailureReason
+from runtime.delivery import FailureReason
 from runtime.lifecycle import RunOutcome
 from runtime.metrics import (
     CONNECTION_RESULTS,

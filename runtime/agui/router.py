@@ -26,11 +26,12 @@ from pydantic import ValidationError
 from ..auth import AuthError, Identity, TokenAuthority
 from ..engine import Engine
 from ..events import new_id, now_us
-from ..hub import Connection, Hub
+from ..hub import Hub
 from ..protocol import MAX_CHAT_CHARS, Chat, FrameError, ProtocolErrorCode
 from ..runs import RunService
-from ..store.reads import thread_runs
+from ..sender import Connection
 from ..store.audit import AuditStore, ConnectionClose, ConnectionOpen, RunInfo
+from ..store.reads import thread_runs
 from ..store.writer import DeliveryLog
 from .mapping import RunTranslator, SequenceGap
 from .stream import SSE_CLIENT, AguiStream, EventStreamResponse, Mode, SseTransport
@@ -195,7 +196,7 @@ class _Endpoints:
 
     def open(self, user_id: str) -> tuple[Connection, SseTransport]:
         transport = SseTransport()
-        conn = self.hub.open(new_id(), user_id, transport, follow_new_runs=False)
+        conn = self.hub.open(new_id(), user_id, transport)
         if conn is None:
             self.runs.metrics.connections.labels(result="too_many").inc()
             raise _problem(429, "too many connections for this user", {"Retry-After": "1"})
@@ -281,7 +282,7 @@ class _Endpoints:
             return self.response(user.user_id, run, conn, transport, Mode.REPLAY)
         # chat() returns right after Engine.start, before the run emitted anything: following
         # it now (no await since) gets every event live, so each counts in the delivery SLI.
-        conn.subscribed.add(run.run_id)
+        self.hub.follow(conn, run.run_id)
         return self.response(user.user_id, run, conn, transport, Mode.LIVE)
 
     async def connect(self, request: Request) -> EventStreamResponse:

@@ -1,7 +1,7 @@
 """One AG-UI response: a hub connection that carries one run, written as Server-Sent Events.
 
 The hub sees an ordinary connection (bounded send queue, receipts, acks, delivery failures):
-:class:`SseTransport` is its :class:`~runtime.hub.Transport`, handing each envelope to the
+:class:`SseTransport` is its :class:`~runtime.sender.Transport`, handing each envelope to the
 response instead of a socket. :class:`AguiStream` turns envelopes into AG-UI frames with a
 :class:`~runtime.agui.mapping.RunTranslator`, and :class:`EventStreamResponse` writes them.
 
@@ -30,9 +30,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..events import Event, EventType, now_us
-from ..hub import Connection, Hub
+from ..hub import Hub
 from ..protocol import CloseCode
 from ..runs import RunService
+from ..sender import Connection
 from ..store.audit import ConnectionClose
 from ..store.writer import DeliveryLog
 from .mapping import RunTranslator, SequenceGap, frame_id, sse_frames
@@ -216,8 +217,11 @@ class AguiStream:
             self.transport.interrupt()
 
     async def ack(self, seq: int) -> None:
-        """The frames carrying ``seq`` were written: SSE's acknowledgement (module docstring)."""
-        await self.runs.ack(self.conn, self.run_id, seq)
+        """The frames carrying ``seq`` were written: SSE's acknowledgement (module docstring),
+        clamped by the connection's rules like a ``/ws`` ack."""
+        acked = self.conn.protocol.ack(self.run_id, seq)
+        if acked is not None:
+            await self.runs.record_ack(self.conn, self.run_id, acked)
 
     async def finish(self, *, client_gone: bool) -> None:
         """Close the hub connection and record why (once)."""
@@ -227,8 +231,9 @@ class AguiStream:
         self.transport.interrupt()
         if self._resume is not None and not self._resume.done():
             self._resume.cancel()
-            with contextlib.suppress(BaseException):
-                await self._resume
+            # Waits without raising the task's outcome (``_resume_done`` reports it), while a
+            # cancellation of this task still propagates.
+            await asyncio.wait([self._resume])
         conn = self.conn
         if conn.closed and conn.close_code is not None:
             code = conn.close_code
@@ -288,6 +293,7 @@ class EventStreamResponse(Response):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
-            with contextlib.suppress(BaseException):
-                await watcher
+            await asyncio.wait([watcher])
+            if not watcher.cancelled() and watcher.exception() is not None:
+                log.warning("AG-UI stream of %s: %r", self.stream.run_id, watcher.exception())
             await self.stream.finish(client_gone=gone.is_set())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from .errors import StoreError, StoreRejected, StoreUnavailable
 from .audit import (
     AckUpdate,
     AuditStore,
@@ -12,6 +11,7 @@ from .audit import (
     RunInfo,
     StoredEvent,
 )
+from .errors import StoreError, StoreRejected, StoreUnavailable
 
 __all__ = [
     "AckUpdate",

@@ -47,8 +47,6 @@ from typing import Any
 from ..events import Event, EventType, Receipt, now_us
 from ..metrics import RuntimeMetrics
 from ..pipeline import CommittedSink, Emitted
-from .errors import StoreError, StoreUnavailable, describe, storable
-from .journal import Journal, JournalError
 from .audit import (
     AckUpdate,
     AuditStore,
@@ -57,6 +55,8 @@ from .audit import (
     ConnectionOpen,
     RunInfo,
 )
+from .errors import StoreError, StoreUnavailable, describe, storable
+from .journal import Journal, JournalError
 
 __all__ = ["AuditWriter", "DeliveryLog"]
 

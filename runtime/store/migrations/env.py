@@ -8,8 +8,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 import monitor.models  # noqa: F401  (the monitor tables share the metadata)
-from runtime.store.models import Base
 from runtime.store.audit import make_engine
+from runtime.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata
