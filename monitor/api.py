@@ -23,6 +23,7 @@ from runtime.config import Settings
 from runtime.events import now_us
 from runtime.store.audit import AuditStore
 
+from .check import rule_config
 from .queries import (
     SINCE_HELP,
     SINCE_PATTERN,
@@ -182,6 +183,7 @@ def log_state(auth: MonitorAuth) -> None:
 def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
     """The API router; it reads the store set as ``app.state.monitor_store``."""
     log_state(auth)
+    rules = rule_config(settings)
     router = APIRouter(
         prefix="/api",
         tags=["monitor"],
@@ -257,7 +259,11 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
         windows = {}
         for name, seconds in (("hour", 3600.0), ("day", 86400.0)):
             figures = await slo_figures(
-                c, now_us=now, window_s=seconds, delivery_slo_s=settings.delivery_slo_s
+                c,
+                now_us=now,
+                window_s=seconds,
+                delivery_slo_s=rules.delivery_slo_s,
+                ack_wait_s=rules.ack_wait_s,
             )
             health = await agent_health(c, now_us=now, window_s=seconds)
             windows[name] = SloWindow(**figures, agents=[AgentHealth(**a) for a in health])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.events import format_ts
@@ -308,9 +308,13 @@ async def slo_figures(
     now_us: int,
     window_s: float,
     delivery_slo_s: float,
+    ack_wait_s: float,
     persist_slo_s: float = 0.25,
 ) -> dict[str, Any]:
-    """Delivery, completeness and persistence over the window ending now."""
+    """Delivery, completeness and persistence over the window ending now.
+
+    A live event not acked by its owner is still in flight, neither good nor bad, until
+    ``ack_wait_s`` after its emission: the ``delivery_slo`` rule judges it the same way."""
     since = now_us - int(window_s * 1_000_000)
     acks = (
         select(DeliveryRow.event_id, func.min(DeliveryRow.acked_us).label("acked"))
@@ -320,6 +324,9 @@ async def slo_figures(
         .subquery()
     )
     live = and_(EventRow.ts_us >= since, EventRow.live.is_(True))
+    judgeable = or_(
+        acks.c.acked.is_not(None), EventRow.ts_us < now_us - int(ack_wait_s * 1_000_000)
+    )
     good_delivery = case(
         (acks.c.acked - EventRow.ts_us <= int(delivery_slo_s * 1_000_000), 1), else_=0
     )
@@ -328,7 +335,7 @@ async def slo_figures(
             select(func.count(), func.coalesce(func.sum(good_delivery), 0))
             .select_from(EventRow)
             .join(acks, acks.c.event_id == EventRow.event_id, isouter=True)
-            .where(live)
+            .where(live, judgeable)
         )
     ).one()
     good_persist = case(

@@ -18,6 +18,7 @@ from runtime.store.audit import AuditStore
 from runtime.tracing import run_id_of, trace_id_of, trace_url
 
 from .api import COOKIE, MonitorAuth
+from .check import rule_config
 from .models import ViolationRow
 from .queries import (
     SINCE_HELP,
@@ -156,6 +157,7 @@ def _share(ratio: float | None) -> str:
 
 
 def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRouter:
+    rules = rule_config(settings)
     templates = Jinja2Templates(directory=str(TEMPLATES))
     templates.env.filters["human_ms"] = human_ms
     router = APIRouter(prefix="/monitor", include_in_schema=False)
@@ -200,10 +202,18 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
         now = now_us()
         async with store.engine.connect() as conn:
             hour = await slo_figures(
-                conn, now_us=now, window_s=3600, delivery_slo_s=settings.delivery_slo_s
+                conn,
+                now_us=now,
+                window_s=3600,
+                delivery_slo_s=rules.delivery_slo_s,
+                ack_wait_s=rules.ack_wait_s,
             )
             day = await slo_figures(
-                conn, now_us=now, window_s=86400, delivery_slo_s=settings.delivery_slo_s
+                conn,
+                now_us=now,
+                window_s=86400,
+                delivery_slo_s=rules.delivery_slo_s,
+                ack_wait_s=rules.ack_wait_s,
             )
             since = now - 86400 * 1_000_000
             counts = (

@@ -210,3 +210,45 @@ async def test_event_types_are_stored_as_their_names(store: AuditStore) -> None:
     await store.write(Batch(events=[(e, True) for e in events]), now_us())
     kinds = [s.event.type for s in await store.stored_events(info.run_id)]
     assert kinds[0] is EventType.AGENT_STARTED and kinds[-1] is EventType.AGENT_COMPLETED
+
+
+async def test_delivery_sli_waits_for_the_ack_window(store: AuditStore) -> None:
+    """An unacked live event is in flight, not bad, until its ack window has passed (as the
+    ``delivery_slo`` rule judges it); deferred events are outside the SLI."""
+    from monitor.queries import slo_figures
+
+    t = now_us()
+    info, _ = await store.create_run(run_info(), new_thread=True)
+    clock = iter([t - 20_000_000, t - 20_000_000, t - 20_000_000, t - 3_000_000, t - 500_000])
+    lc = RunLifecycle(info.run_id, info.thread_id, info.agent, lambda: next(clock))
+    on_time, late, never, waiting, fresh = (
+        lc.started("hi"),
+        lc.thinking("a"),
+        lc.thinking("b"),
+        lc.thinking("c"),
+        lc.thinking("d"),
+    )
+    deferred = Event(
+        EventType.AGENT_THINKING, new_id(), info.run_id, info.thread_id, 6, t - 20_000_000, "demo"
+    )
+    acked = {on_time.event_id: on_time.ts_us + 500_000, late.event_id: late.ts_us + 2_000_000}
+    receipts = [
+        Receipt(
+            e.event_id, e.run_id, e.seq, "conn1", "alice", e.ts_us + 1000, acked.get(e.event_id)
+        )
+        for e in (on_time, late, never, waiting, fresh)
+    ]
+    # An ack by another user's connection is no delivery to the owner.
+    receipts.append(
+        Receipt(never.event_id, info.run_id, never.seq, "conn2", "bob", t - 19_000_000, t - 1)
+    )
+    live = [(e, True) for e in (on_time, late, never, waiting, fresh)]
+    await store.write(Batch(events=[*live, (deferred, False)], receipts=receipts), t - 100)
+    async with store.engine.connect() as conn:
+        figures = await slo_figures(
+            conn, now_us=t, window_s=3600, delivery_slo_s=1.0, ack_wait_s=10.0
+        )
+    # Counted: on time (good), late (bad), never acked past the window (bad). Not yet: the
+    # two still in flight, though one is already older than the SLO threshold.
+    assert (figures["delivery"]["good"], figures["delivery"]["total"]) == (1, 3)
+    assert figures["persistence"]["total"] == 6
