@@ -3,9 +3,10 @@
 Verification is pinned to HS256 (no ``alg: none``, no algorithm confusion), requires ``exp``,
 and allows a bounded clock skew. Token text is never logged or stored.
 
-Exceptions::
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
 
     AuthError
+    ConfigError     the secret is too short to sign with
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import jwt
 
+from .errors import AuthError, ConfigError
+
 __all__ = ["AuthError", "Identity", "TokenAuthority", "valid_user_id"]
 
 _USER_ID = re.compile(r"^[A-Za-z0-9_.@:+-]{1,128}$")
@@ -24,17 +27,6 @@ _USER_ID = re.compile(r"^[A-Za-z0-9_.@:+-]{1,128}$")
 
 def valid_user_id(user_id: str) -> bool:
     return bool(_USER_ID.match(user_id))
-
-
-class AuthError(Exception):
-    """A token was refused; ``reason`` is safe to show (it never contains the token)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"unauthorized: {self.reason}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +45,8 @@ class TokenAuthority:
     def __init__(self, secret: str | None, *, leeway_s: float = 30.0) -> None:
         if secret is not None and len(secret.encode()) < self.MIN_SECRET_BYTES:
             # RFC 7518 3.2: an HS256 key shorter than the hash is guessable.
-            raise ValueError(
-                f"RUNWATCH_JWT_SECRET must be at least {self.MIN_SECRET_BYTES} bytes long"
+            raise ConfigError(
+                "RUNWATCH_JWT_SECRET", secret, f"at least {self.MIN_SECRET_BYTES} bytes long"
             )
         #: In dev mode (no secret) a random per-process secret signs the dev tokens.
         self.secret = secret or secrets.token_urlsafe(32)

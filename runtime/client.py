@@ -16,10 +16,15 @@ Reconnects back off exponentially (with jitter) up to ``max_backoff_s``; the bac
 over only once a connection has stayed up for ``stable_after_s``, so a server that accepts and
 then drops the socket at once is not hammered.
 
-Exceptions::
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
 
-    RunwatchError            an ``error`` frame (``code``, ``message``, ``ref``)
-    ConnectionClosed         the server closed the socket and the client will not reconnect
+    RunwatchError            the root of every runwatch exception
+     +-- ServerError         an ``error`` frame (``code``, ``message``, ``ref``)
+     +-- ConnectionClosed    the server closed the socket and the client will not reconnect
+
+``ServerError`` was called ``RunwatchError`` before runwatch had one exception tree: the root
+took the name, so ``except RunwatchError`` still catches error frames (and now also
+``ConnectionClosed``); code that reads ``.code``/``.ref`` should catch ``ServerError``.
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed as _WsClosed
 
+from .errors import ConnectionClosed, RunwatchError, ServerError
 from .events import Event
 from .protocol import CloseCode
 
-__all__ = ["ConnectionClosed", "Run", "RunwatchClient", "RunwatchError"]
+__all__ = ["ConnectionClosed", "Run", "RunwatchClient", "RunwatchError", "ServerError"]
 
 log = logging.getLogger("runwatch.client")
 
@@ -59,25 +65,6 @@ _RECONNECT = {
     CloseCode.SLOW_CONSUMER,
     CloseCode.TOO_MANY_CONNECTIONS,
 }
-
-
-class RunwatchError(Exception):
-    """The server answered a frame with ``error``."""
-
-    def __init__(self, code: str, message: str, ref: str | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.ref = ref
-
-
-class ConnectionClosed(Exception):
-    """The connection closed for good (no reconnect): ``code`` and ``reason`` say why."""
-
-    def __init__(self, code: int | None, reason: str = "") -> None:
-        super().__init__(f"connection closed: {code} ({reason or 'no reason'})")
-        self.code = code
-        self.reason = reason
 
 
 @dataclass
@@ -189,7 +176,7 @@ class RunwatchClient:
         self.open_timeout_s = open_timeout_s
         self.runs: dict[str, Run] = {}
         self.connected_info: dict[str, Any] = {}
-        self.errors: asyncio.Queue[RunwatchError] = asyncio.Queue()
+        self.errors: asyncio.Queue[ServerError] = asyncio.Queue()
         self.reconnects = 0
         self.duplicates_dropped = 0
         self._ws: ClientConnection | None = None
@@ -439,7 +426,7 @@ class RunwatchClient:
                     fut.set_result(None)
                     break
         elif kind == "error":
-            err = RunwatchError(frame.get("code", ""), frame.get("message", ""), frame.get("ref"))
+            err = ServerError(frame.get("code", ""), frame.get("message", ""), frame.get("ref"))
             ref = err.ref or ""
             if ref in self._chats and not self._chats[ref][1].done():
                 self._chats[ref][1].set_exception(err)

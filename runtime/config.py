@@ -1,4 +1,9 @@
-"""Settings from ``RUNWATCH_*`` environment variables (every one is listed in the README)."""
+"""Settings from ``RUNWATCH_*`` environment variables (every one is listed in the README).
+
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
+
+    ConfigError     a variable has a value runwatch cannot use: one line, exit status 2
+"""
 
 from __future__ import annotations
 
@@ -8,33 +13,13 @@ import socket
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .errors import ConfigError
+
 __all__ = ["LOG_LEVELS", "SUPPORTED_DRIVERS", "ConfigError", "Settings", "sqlite_path"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: SQLAlchemy async drivers the audit store runs on (SPEC section 5).
 SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
-
-
-class ConfigError(ValueError):
-    """A ``RUNWATCH_*`` variable has a value runwatch cannot use: ``str()`` is one line saying
-    what is wrong and what is expected."""
-
-    def __init__(self, name: str, value: str, expected: str) -> None:
-        super().__init__(f"{name}={_shown(name, value)!r}: expected {expected}")
-        self.name = name
-        self.value = value
-        self.expected = expected
-
-
-def _shown(name: str, value: str) -> str:
-    """A value as it may be printed: a database URL without its password, no secrets."""
-    if name.endswith(("SECRET", "TOKEN", "API_KEY")):
-        return "***"
-    if name == "RUNWATCH_DATABASE_URL" and "@" in value:
-        head, _, tail = value.rpartition("@")
-        scheme, sep, auth = head.partition("://")
-        return f"{scheme}{sep}{auth.split(':', 1)[0]}:***@{tail}" if ":" in auth else value
-    return value
 
 
 def sqlite_path(url: str) -> str | None:

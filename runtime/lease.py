@@ -12,7 +12,7 @@ claims one with a compare-and-set in the store, so exactly one survivor wins; it
 replica's open runs with ``agent_error{runtime_restarted}`` through its own writer (so clients
 of those runs get it live, on any replica) and then deletes the lease.
 
-Exceptions::
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
 
     LeaseError
      +-- LeaseHeld     another live process holds this instance id
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
 
-from .store.errors import StoreError
+from .errors import LeaseError, LeaseHeld, StoreError
 from .store.audit import AuditStore, Lease
 
 __all__ = ["InstanceLease", "LeaseError", "LeaseHeld", "host_key"]
@@ -41,27 +41,6 @@ log = logging.getLogger("runwatch.lease")
 
 #: Ends one dead instance's open runs; returns how many it ended.
 TakeOver = Callable[[str], Awaitable[int]]
-
-
-class LeaseError(Exception):
-    """The instance lease could not be taken or kept."""
-
-
-class LeaseHeld(LeaseError):
-    """Another live process holds the lease on this instance id."""
-
-    def __init__(self, lease: Lease, same_host: bool) -> None:
-        super().__init__(lease.instance_id)
-        self.lease = lease
-        self.same_host = same_host
-
-    def __str__(self) -> str:
-        where = f"pid {self.lease.pid} on this host" if self.same_host else self.lease.host
-        return (
-            f"instance id {self.lease.instance_id!r} is held by a live runwatch process "
-            f"({where.split('/')[0]}); stop it, or give this process its own "
-            "RUNWATCH_INSTANCE_ID (or leave it unset for a unique one)"
-        )
 
 
 def _read(path: str) -> str:

@@ -5,7 +5,7 @@ non-decreasing (I5), tracks open tool calls (I4), counts thinking steps and the 
 (I3) and refuses anything after the terminal event (I2). A wrong transition raises
 :class:`LifecycleError` ("expected X, got Y"): that is a bug in the runtime, never user input.
 
-Exceptions::
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
 
     LifecycleError
 """
@@ -16,19 +16,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import LifecycleError
 from .events import ErrorCode, Event, EventType, new_id
 
 __all__ = ["LifecycleError", "RunLifecycle", "RunOutcome"]
-
-
-class LifecycleError(RuntimeError):
-    """An event that would break a run invariant."""
-
-    def __init__(self, run_id: str, expected: str, got: str) -> None:
-        super().__init__(f"run {run_id}: expected {expected}, got {got}")
-        self.run_id = run_id
-        self.expected = expected
-        self.got = got
 
 
 class RunOutcome:

@@ -13,7 +13,7 @@ Export runs on the processor's thread. A failed export counts in
 when it recovers (the exporter's own per-attempt messages are kept back, their last one named in
 that log line).
 
-Exceptions::
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
 
     TracingConfigError
 """
@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import __version__
+from .errors import TracingConfigError
 from .tracing import SpanPlan, TraceMetrics
 
 __all__ = ["OtlpBackend", "TracingConfigError"]
@@ -42,10 +43,6 @@ __all__ = ["OtlpBackend", "TracingConfigError"]
 log = logging.getLogger("runwatch.tracing")
 
 _KINDS = {"internal": SpanKind.INTERNAL, "client": SpanKind.CLIENT}
-
-
-class TracingConfigError(ValueError):
-    """The ``OTEL_*`` variables ask for something runwatch cannot export with."""
 
 
 class _RunIds(IdGenerator):
@@ -128,12 +125,12 @@ class _ObservedExporter(SpanExporter):
         return self.inner.force_flush(timeout_millis)
 
 
-def _protocol(env: Mapping[str, str]) -> str:
-    return (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
+def _protocol(env: Mapping[str, str]) -> tuple[str, str]:
+    """The export protocol and the variable that chose it (the traces one wins)."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        if env.get(name):
+            return env[name].strip(), name
+    return "http/protobuf", "OTEL_EXPORTER_OTLP_PROTOCOL"
 
 
 def _endpoint(env: Mapping[str, str], protocol: str) -> str:
@@ -190,7 +187,7 @@ class OtlpBackend:
     def from_env(
         cls, env: Mapping[str, str], metrics: TraceMetrics, *, instance_id: str
     ) -> OtlpBackend:
-        protocol = _protocol(env)
+        protocol, variable = _protocol(env)
         exporter: SpanExporter
         if protocol == "http/protobuf":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -204,14 +201,15 @@ class OtlpBackend:
                 )
             except ImportError:
                 raise TracingConfigError(
-                    "OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs opentelemetry-exporter-otlp-proto-grpc"
+                    variable, protocol, "needs opentelemetry-exporter-otlp-proto-grpc"
                 ) from None
             exporter = GrpcSpanExporter()
             quiet = "opentelemetry.exporter.otlp.proto.grpc.exporter"
         else:
             raise TracingConfigError(
-                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: "
-                "use http/protobuf (the default) or grpc"
+                variable,
+                protocol,
+                "is not supported: use http/protobuf (the default) or grpc",
             )
         backend = cls(
             exporter,

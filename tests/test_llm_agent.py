@@ -229,3 +229,17 @@ async def test_reasoning_is_kept_when_the_stream_breaks(
     assert events[-1].type == EventType.AGENT_ERROR
     assert events[-1].data["code"] == "agent_failed"
     assert "stream broke" in events[-1].data["message"]
+
+
+def test_a_bad_number_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.agents.llm import config_problem
+
+    monkeypatch.setenv("RUNWATCH_LLM_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("RUNWATCH_LLM_MODEL", "m")
+    monkeypatch.setenv("RUNWATCH_LLM_MAX_STEPS", "many")
+    assert config_problem() == "RUNWATCH_LLM_MAX_STEPS must be a number (int), got 'many'"
+    monkeypatch.setenv("RUNWATCH_LLM_MAX_STEPS", "3")
+    monkeypatch.setenv("RUNWATCH_LLM_TIMEOUT_S", "soon")
+    assert config_problem() == "RUNWATCH_LLM_TIMEOUT_S must be a number (float), got 'soon'"
+    monkeypatch.delenv("RUNWATCH_LLM_TIMEOUT_S")
+    assert config_problem() is None

@@ -11,6 +11,10 @@ Agents are found by name in an :class:`AgentRegistry`: the built-ins (``demo``, 
 An agent that calls a model may report each call with ``ctx.model_round(ModelRound(...))``:
 it becomes the ``chat {model}`` span of the run's trace (docs/tracing.md); agents that do not
 report rounds work the same, their traces simply have no model spans.
+
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
+
+    ToolError       a tool call failed, as the agent sees it (``await ctx.tool`` raises it)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, cast
 
+from ..errors import ToolError
 from ..loading import import_object
 
 __all__ = [
@@ -31,19 +36,6 @@ __all__ = [
     "ToolError",
     "load_agent",
 ]
-
-
-class ToolError(Exception):
-    """A tool call failed (raised, timed out, bad arguments, unknown tool).
-
-    The ``tool_completed`` event with ``status: "error"`` has already been emitted; the agent
-    may catch this and explain, or let it propagate (the run then ends with ``agent_failed``).
-    """
-
-    def __init__(self, tool: str, message: str) -> None:
-        super().__init__(f"{tool}: {message}")
-        self.tool = tool
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

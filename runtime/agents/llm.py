@@ -15,7 +15,7 @@ The returned text is the final report. Each request is reported with ``ctx.model
 ``chat {model}`` span of the run's trace: model, token usage when the endpoint streams it,
 time to the first chunk, ``error.type`` on failure).
 
-Exceptions::
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
 
     LLMError
      +-- LLMConfigError
@@ -29,32 +29,19 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
+from ..errors import LLMConfigError, LLMError
 from ..events import now_us
 from . import ModelRound, RunContext, ToolError
 
 __all__ = ["LLMConfigError", "LLMError", "config_problem", "llm_agent"]
 
+_N = TypeVar("_N", int, float)
+
 SYSTEM_PROMPT = "You are a helpful assistant. Use the tools when they help; answer concisely."
-
-
-class LLMError(Exception):
-    """The model endpoint failed or answered something unusable."""
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-    def __str__(self) -> str:
-        prefix = f"HTTP {self.status}: " if self.status is not None else ""
-        return prefix + str(self.args[0])
-
-
-class LLMConfigError(LLMError):
-    """A required ``RUNWATCH_LLM_*`` variable is missing."""
 
 
 @dataclass
@@ -70,15 +57,20 @@ class _Config:
         base = os.environ.get("RUNWATCH_LLM_BASE_URL")
         model = os.environ.get("RUNWATCH_LLM_MODEL")
         if not base:
-            raise LLMConfigError("RUNWATCH_LLM_BASE_URL is not set")
+            raise LLMConfigError("RUNWATCH_LLM_BASE_URL", "is not set")
         if not model:
-            raise LLMConfigError("RUNWATCH_LLM_MODEL is not set")
-        try:
-            timeout = float(os.environ.get("RUNWATCH_LLM_TIMEOUT_S", "60"))
-            steps = int(os.environ.get("RUNWATCH_LLM_MAX_STEPS", "8"))
-        except ValueError as exc:
-            raise LLMConfigError(f"bad RUNWATCH_LLM_* number: {exc}") from None
+            raise LLMConfigError("RUNWATCH_LLM_MODEL", "is not set")
+        timeout = _number("RUNWATCH_LLM_TIMEOUT_S", "60", float)
+        steps = _number("RUNWATCH_LLM_MAX_STEPS", "8", int)
         return cls(base.rstrip("/"), model, os.environ.get("RUNWATCH_LLM_API_KEY"), timeout, steps)
+
+
+def _number(name: str, default: str, kind: type[_N]) -> _N:
+    raw = os.environ.get(name) or default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise LLMConfigError(name, f"must be a number ({kind.__name__}), got {raw!r}") from None
 
 
 _SENTENCE_END = re.compile(r"[.!?:;]\s+|\n")

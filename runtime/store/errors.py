@@ -1,8 +1,10 @@
 """Store errors: what a driver error means for the writer, decided once, at the store boundary.
 
 Every exception that leaves :class:`~runtime.store.audit.AuditStore` is a
-:class:`StoreError`. The question the writer asks is only "can retrying help?", so the tree
-has two branches, decided from the exception's type and its SQLSTATE, never from its message::
+:class:`~runtime.errors.StoreError` (the classes live in :mod:`runtime.errors`, the package's one
+exception tree, and are re-exported here). The question the writer asks is only "can retrying
+help?", so the branch is decided by :func:`translate` from the driver error's type and its
+SQLSTATE, never from its message::
 
     StoreError                  a failure of the audit store
      +-- StoreUnavailable       transient: unreachable, locked, timed out, pool exhausted,
@@ -24,6 +26,8 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
+from ..errors import StoreError, StoreRejected, StoreUnavailable
+
 __all__ = [
     "INT32_MAX",
     "StoreError",
@@ -37,31 +41,6 @@ __all__ = [
 #: The largest value of the store's 32-bit ``seq`` columns; client numbers are clamped to it.
 INT32_MAX = 2**31 - 1
 _INT64 = 2**63
-
-
-class StoreError(Exception):
-    """A failure of the audit store. ``reason`` is a short code; ``transient`` says whether
-    retrying the same write can succeed."""
-
-    transient = False
-
-    def __init__(self, message: str, *, reason: str = "error") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.args[0]}"
-
-
-class StoreUnavailable(StoreError):
-    """The database cannot be reached, is locked, busy, full, or did not answer in time."""
-
-    transient = True
-
-
-class StoreRejected(StoreError):
-    """The database or its driver refuses this data: retrying the same write cannot help."""
-
 
 # SQLSTATE classes (PostgreSQL appendix A). Transient: the same statement can succeed later.
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "55", "57", "58", "XX"})

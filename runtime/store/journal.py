@@ -17,7 +17,7 @@ good ones is damage to acknowledged data: it is never dropped silently; the file
 On start, a journal left by a crashed process is drained before anything else is written, so
 startup recovery sees every event that any client may have received.
 
-Exceptions::
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
 
     JournalError        an append failed: nothing of it counts as persisted
      +-- JournalFull    the journal reached its byte bound: callers wait rather than lose events
@@ -35,29 +35,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import JournalError, JournalFull
 from ..events import Event
 
 __all__ = ["Journal", "JournalEntry", "JournalError", "JournalFull"]
 
 log = logging.getLogger("runwatch.journal")
-
-
-class JournalError(Exception):
-    """An append did not reach the disk whole; nothing of it counts as persisted."""
-
-    def __init__(self, message: str, *, reason: str = "io_error") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"journal {self.reason}: {self.args[0]}"
-
-
-class JournalFull(JournalError):
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"{size} of {limit} bytes", reason="full")
-        self.size = size
-        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,10 @@
 """Tools: registered callables with a JSON-schema description, called through ``ctx.tool``.
 
 The engine, not the tool, emits ``tool_executing``/``tool_completed`` around every call (I4).
+
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
+
+    ToolArgumentError   the arguments do not match the tool's schema
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
+from ..errors import ToolArgumentError
 from ..loading import import_object
 
 __all__ = [
@@ -23,10 +28,6 @@ __all__ = [
     "load_tool",
     "tool_from_callable",
 ]
-
-
-class ToolArgumentError(ValueError):
-    """The arguments do not match the tool's schema."""
 
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
@@ -54,17 +55,17 @@ class Tool:
         props: dict[str, Any] = self.parameters.get("properties", {})
         for key in self.parameters.get("required", []):
             if key not in args:
-                raise ToolArgumentError(f"{self.name}: missing argument {key!r}")
+                raise ToolArgumentError(self.name, f"missing argument {key!r}")
         for key, value in args.items():
             spec = props.get(key)
             if spec is None:
                 if self.parameters.get("additionalProperties", True) is False:
-                    raise ToolArgumentError(f"{self.name}: unexpected argument {key!r}")
+                    raise ToolArgumentError(self.name, f"unexpected argument {key!r}")
                 continue
             types = _JSON_TYPES.get(spec.get("type", ""), ())
             bad_bool = isinstance(value, bool) and spec.get("type") in ("integer", "number")
             if types and (not isinstance(value, types) or bad_bool):
-                raise ToolArgumentError(f"{self.name}: {key!r} must be of type {spec['type']}")
+                raise ToolArgumentError(self.name, f"{key!r} must be of type {spec['type']}")
 
     async def call(self, args: dict[str, Any]) -> Any:
         self.validate(args)

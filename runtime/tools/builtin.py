@@ -1,4 +1,9 @@
-"""The built-in tools of the ``demo`` agent: real work, deterministic, offline."""
+"""The built-in tools of the ``demo`` agent: real work, deterministic, offline.
+
+Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
+
+    CalculatorError     the expression is not arithmetic the calculator accepts
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..errors import CalculatorError
 from . import Tool
 
 __all__ = [
@@ -26,10 +32,6 @@ __all__ = [
     "snippet",
     "wait_tool",
 ]
-
-
-class CalculatorError(ValueError):
-    """The expression is not arithmetic the calculator accepts."""
 
 
 _BINARY: dict[type, Callable[[Any, Any], Any]] = {
