@@ -15,12 +15,15 @@ hands them, committed, to the hub and the broker (I6, I7). The agent waits only 
 is full, and for the commit of a ``tool_executing`` (before the tool runs) and of the terminal
 event (before the run counts as finished). One emission's events are created and queued with no
 await in between, so a cancel never splits them (``final_report`` + ``agent_completed``).
+
+A run whose terminal event cannot be emitted (the supervisor failed, or the store refused the
+terminal event for good) is still ended (I8): from what the store holds, as recovery would, with
+``agent_error{internal}``, retried with backoff while the store is failing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -47,6 +50,10 @@ log = logging.getLogger("runwatch.engine")
 YIELD_EVERY = 64
 #: How many recently started run ids the engine remembers.
 STARTED_MEMORY = 10_000
+#: Tries at ending a run from the store when its own terminal event failed, and the first and
+#: longest pause between them (about ten seconds in all).
+END_ATTEMPTS = 8
+END_RETRY_S = (0.1, 5.0)
 
 
 @dataclass(frozen=True)
@@ -307,11 +314,7 @@ class Engine:
                 await self._emit(run, lambda lc: lc.fail(code, message), durable=True)
         except Exception:
             log.exception("run %s: internal error", info.run_id)
-            with contextlib.suppress(Exception):
-                if not run.lc.ended:
-                    await self._emit(
-                        run, lambda lc: lc.fail(ErrorCode.INTERNAL, "internal error"), durable=True
-                    )
+            await self._end_after_failure(run)
         finally:
             self.active.pop(info.run_id, None)
             outcome = run.lc.outcome or RunOutcome.ERROR
@@ -358,35 +361,83 @@ class Engine:
 
     # ---- recovery and shutdown ----------------------------------------------------------
 
+    async def _end_after_failure(self, run: _ActiveRun) -> None:
+        """I8: end a run whose supervisor failed. First with ``agent_error{internal}`` through
+        its own lifecycle; when that cannot be emitted, or the lifecycle has ended already but
+        its terminal event never reached the store (refused for good), from what the store
+        holds, as recovery would, retried with backoff. Only when every try fails is the run
+        left to recovery at the next start (or to a survivor's takeover), and that is logged."""
+        info = run.info
+        if not run.lc.ended:
+            try:
+                await self._emit(
+                    run, lambda lc: lc.fail(ErrorCode.INTERNAL, _INTERNAL_MESSAGE), durable=True
+                )
+                return
+            except Exception:
+                log.exception("run %s: ending it with agent_error{internal} failed", info.run_id)
+        delay, longest = END_RETRY_S
+        for attempt in range(1, END_ATTEMPTS + 1):
+            try:
+                # Read the store only once it holds every event written so far (I6).
+                await self.writer.wait_journal_drained()
+                run.lc, _ = await self._end_from_store(info, ErrorCode.INTERNAL, _INTERNAL_MESSAGE)
+            except Exception as exc:
+                if attempt == END_ATTEMPTS:
+                    log.error(
+                        "run %s: could not be ended (%s); it stays open until recovery at the "
+                        "next start or a takeover ends it",
+                        info.run_id,
+                        exc,
+                    )
+                    return
+                log.warning(
+                    "run %s: ending it from the store failed (%s); retrying in %.1fs",
+                    info.run_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+                continue
+            log.warning("run %s: ended from the store with agent_error{internal}", info.run_id)
+            return
+
+    async def _end_from_store(
+        self, info: RunInfo, code: ErrorCode, message: str
+    ) -> tuple[RunLifecycle, bool]:
+        """End a run from its stored events: ``agent_started`` when it has none, its open tool
+        calls closed, ``agent_error{code}``; returns once that is committed. Returns the run's
+        lifecycle as the store now holds it, and False when it had ended already (nothing was
+        written)."""
+        events = await self.store.run_events(info.run_id)
+        lc = RunLifecycle.restore(info.run_id, info.thread_id, info.agent, events, self.clock_us)
+        if lc.ended:
+            return lc, False
+        new = [lc.started("")] if lc.seq == 0 else []
+        new.extend(lc.fail(code, message))
+        live = self.hub.is_watched(info.run_id, info.user_id)
+        items = [self._submit(event, info.user_id, None, live) for event in new]
+        items[-1].durable = asyncio.get_running_loop().create_future()
+        await items[-1].durable
+        return lc, True
+
     async def recover(self, instance_id: str | None = None) -> int:
         """I8: end every run left open by a crash with ``agent_error{runtime_restarted}``."""
         count = 0
         for info in await self.store.open_runs(instance_id):
             if info.run_id in self.active:
                 continue
-            events = await self.store.run_events(info.run_id)
-            lc = RunLifecycle.restore(
-                info.run_id, info.thread_id, info.agent, events, self.clock_us
+            _, ended = await self._end_from_store(
+                info,
+                ErrorCode.RUNTIME_RESTARTED,
+                "the runtime restarted while this run was in progress",
             )
-            if lc.ended:
-                continue
-            new: list[Event] = []
-            if lc.seq == 0:
-                new.append(lc.started(""))
-            new.extend(
-                lc.fail(
-                    ErrorCode.RUNTIME_RESTARTED,
-                    "the runtime restarted while this run was in progress",
-                )
-            )
-            live = self.hub.is_watched(info.run_id, info.user_id)
-            items = [self._submit(event, info.user_id, None, live) for event in new]
-            items[-1].durable = asyncio.get_running_loop().create_future()
-            await items[-1].durable
-            self.metrics.runs_finished.labels(
-                agent=info.agent, outcome=RunOutcome.RUNTIME_RESTARTED
-            ).inc()
-            count += 1
+            if ended:
+                self.metrics.runs_finished.labels(
+                    agent=info.agent, outcome=RunOutcome.RUNTIME_RESTARTED
+                ).inc()
+                count += 1
         if count:
             log.warning("recovered %d run(s) left open: ended with runtime_restarted", count)
         return count
@@ -407,10 +458,11 @@ class Engine:
         return len(left)
 
 
+_INTERNAL_MESSAGE = "internal error"
 _STOP_MESSAGES = {
     ErrorCode.CANCELLED: "the run was cancelled",
     ErrorCode.TIMEOUT: "the run timed out",
     ErrorCode.RUNTIME_RESTARTED: "the runtime is restarting",
-    ErrorCode.INTERNAL: "internal error",
+    ErrorCode.INTERNAL: _INTERNAL_MESSAGE,
     ErrorCode.AGENT_FAILED: "the agent failed",
 }

@@ -2,19 +2,23 @@
 
 The tree: every exception class defined in ``runtime`` descends from
 :class:`runtime.errors.RunwatchError`, the docstring of :mod:`runtime.errors` draws each one
-under its real parent, and each renders its fields in one line. The swallowed errors: a
+under its real parent, and each renders its fields in one line. The swallowed errors: a run
+whose terminal event the store refuses still ends (I8), over real SQLite and PostgreSQL; a
 failing ``on_stop`` hook is logged and the others still run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import pkgutil
 import re
+import sqlite3
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 import runtime
@@ -40,10 +44,12 @@ from runtime.errors import (
     ToolError,
     TracingConfigError,
 )
+from runtime.events import ErrorCode, EventType
 from runtime.server import Runtime
-from runtime.store.audit import Lease
+from runtime.store.audit import AuditStore, Lease
 
-from .conftest import LiveServer, make_settings
+from .conftest import LiveServer, make_settings, serve_runtime, sqlite_url, wait_until
+from .invariants import assert_valid
 
 # Exceptions in modules other engineers are changing right now, to be re-based onto the root by
 # their owners (issue 15): each is checked to be still outside the tree, so the entry is removed
@@ -218,6 +224,91 @@ async def test_the_sdk_raises_error_frames_as_server_errors(live: LiveServer) ->
         await client.chat("hi", agent="no-such-agent")
     assert isinstance(refused.value, ServerError)
     assert refused.value.code == "unknown_agent" and refused.value.ref is not None
+
+
+# ---- I8: a run whose terminal event the store refuses still ends ------------------------------
+
+
+async def _refuse(url: str, tmp_path: Path, sqlite_sql: str, pg_sql: str) -> None:
+    """Make the database itself refuse some events (a real trigger or constraint)."""
+    if url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(tmp_path / "runwatch.db")) as db:
+            db.execute(sqlite_sql)
+            db.commit()
+    else:
+        conn = await asyncpg.connect(
+            "postgresql://postgres@127.0.0.1:5432/" + url.rsplit("/", 1)[1]
+        )
+        try:
+            await conn.execute(pg_sql)
+        finally:
+            await conn.close()
+
+
+async def test_a_run_whose_terminal_event_is_refused_still_ends(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The store refuses every agent_completed, stand-ins included: the run cannot end as
+    # completed, and must not stay open until a restart (I8).
+    await _refuse(
+        db_url,
+        tmp_path,
+        "CREATE TRIGGER no_completed BEFORE INSERT ON events WHEN NEW.type = 'agent_completed' "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        "ALTER TABLE events ADD CONSTRAINT no_completed CHECK (type <> 'agent_completed')",
+    )
+    caplog.set_level(logging.WARNING, logger="runwatch.engine")
+    async with serve_runtime(make_settings(db_url, data_dir=str(tmp_path / "d"))) as live:
+        client = await live.client("alice")
+        events = await (await client.chat("what is 6*7")).wait(20)
+        assert_valid(events)
+        assert events[-2].type == EventType.FINAL_REPORT, "the answer the store took was sent"
+        assert events[-1].type == EventType.AGENT_ERROR
+        assert events[-1].data["code"] == ErrorCode.INTERNAL.value
+        assert (
+            live.metric("runwatch_runs_finished_total", {"agent": "demo", "outcome": "error"}) == 1
+        )
+        store = AuditStore.open(db_url)
+        try:
+            assert await store.open_runs() == []
+            assert await store.run_events(events[0].run_id) == events
+        finally:
+            await store.close()
+    assert "ended from the store with agent_error{internal}" in caplog.text
+
+
+async def test_a_run_that_cannot_be_ended_is_said_and_left_to_recovery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("runtime.engine.END_RETRY_S", (0.01, 0.02))
+    url = sqlite_url(tmp_path / "runwatch.db")
+    settings = make_settings(url, data_dir=str(tmp_path / "d"))
+    async with serve_runtime(settings) as live:
+        # Refuse every terminal event from now on: nothing can end a run.
+        await _refuse(
+            url,
+            tmp_path,
+            "CREATE TRIGGER no_end BEFORE INSERT ON events WHEN NEW.type IN "
+            "('agent_completed', 'agent_error') BEGIN SELECT RAISE(ABORT, 'refused'); END",
+            "",
+        )
+        client = await live.client("alice")
+        run = await client.chat("hello")
+        await wait_until(lambda: "could not be ended" in caplog.text, 20)
+        assert "recovery at the next start" in caplog.text
+        assert not run.done
+    with contextlib.closing(sqlite3.connect(tmp_path / "runwatch.db")) as db:
+        db.execute("DROP TRIGGER no_end")
+        db.commit()
+    async with serve_runtime(settings):
+        store = AuditStore.open(url)
+        try:
+            assert await store.open_runs() == []
+            events = await store.run_events(run.run_id)
+        finally:
+            await store.close()
+    assert_valid(events)
+    assert events[-1].data["code"] == ErrorCode.RUNTIME_RESTARTED.value
 
 
 # ---- shutdown: a failing on_stop hook -----------------------------------------------------------
