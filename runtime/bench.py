@@ -45,6 +45,8 @@ import websockets
 
 from .auth import TokenAuthority
 from .client import RunwatchClient
+from .events import TERMINAL_TYPES, now_us
+from .protocol import Ack, Chat, Connect
 
 SECRET = "bench-secret-bench-secret-bench-secret-0123"
 PROMPTS = ("what is 12*12", "hello", "what time is it", "fail tool", "search resume")
@@ -97,7 +99,7 @@ async def _client_load(url: str, user: str, runs: int, latencies: list[float]) -
         for i in range(runs):
             run = await client.chat(PROMPTS[i % len(PROMPTS)])
             async for event in run:
-                latencies.append(time.time() - event.ts_us / 1e6)
+                latencies.append((now_us() - event.ts_us) / 1e6)
                 events += 1
     finally:
         await client.close()
@@ -173,7 +175,6 @@ def _load(argv: list[str]) -> int:
 
 FLOOD_AGENT = "flood=runtime.agents.flood:flood_agent"
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-_TERMINAL = ("agent_completed", "agent_error")
 #: runwatch clients acknowledge cumulatively every this many events (and the terminal one).
 ACK_EVERY = 100
 
@@ -230,6 +231,14 @@ async def _ws(url: str) -> websockets.ClientConnection:
     return await websockets.connect(url, max_size=None, compression=None, ping_interval=None)
 
 
+async def authenticate(ws: websockets.ClientConnection, token: str) -> dict[str, Any]:
+    """Send ``connect`` on a raw socket to runwatch's ``/ws``; returns the ``connected`` frame."""
+    await ws.send(Connect(token).serialize())
+    connected: dict[str, Any] = json.loads(await ws.recv())
+    assert connected["type"] == "connected", connected
+    return connected
+
+
 class _Streamer:
     """One client connection that asks its server for ``count`` frames and parses each one as
     JSON. The three protocols differ only in how they ask; the per-frame work is the same."""
@@ -253,10 +262,7 @@ class _Streamer:
                 pass
         else:
             self.ws = await _ws(f"{base}/ws")
-            token = TokenAuthority(SECRET).mint(self.user)
-            await self.ws.send(json.dumps({"type": "connect", "token": token}))
-            connected = json.loads(await self.ws.recv())
-            assert connected["type"] == "connected", connected
+            await authenticate(self.ws, TokenAuthority(SECRET).mint(self.user))
 
     async def close(self) -> None:
         if self.ws is not None:
@@ -289,13 +295,7 @@ class _Streamer:
         return received
 
     async def _runwatch_flood(self, ws: websockets.ClientConnection, count: int, size: int) -> int:
-        chat = {
-            "type": "chat",
-            "text": f"flood {count} {size}",
-            "client_msg_id": uuid.uuid4().hex,
-            "agent": "flood",
-        }
-        await ws.send(json.dumps(chat))
+        await ws.send(Chat(f"flood {count} {size}", uuid.uuid4().hex, agent="flood").serialize())
         received = acked = 0
         while True:
             frame = json.loads(await ws.recv())
@@ -305,9 +305,9 @@ class _Streamer:
                 continue
             received += 1
             seq = frame["seq"]
-            terminal = frame["type"] in _TERMINAL
+            terminal = frame["type"] in TERMINAL_TYPES
             if terminal or seq - acked >= ACK_EVERY:
-                await ws.send(json.dumps({"type": "ack", "run_id": frame["run_id"], "seq": seq}))
+                await ws.send(Ack(frame["run_id"], seq).serialize())
                 acked = seq
             if terminal:
                 return received
@@ -355,8 +355,7 @@ async def _runwatch_frame_bytes(target: Target, size: int) -> int:
     ws = streamer.ws
     assert ws is not None
     try:
-        chat = {"type": "chat", "text": f"flood 1 {size}", "client_msg_id": "m", "agent": "flood"}
-        await ws.send(json.dumps(chat))
+        await ws.send(Chat(f"flood 1 {size}", "m", agent="flood").serialize())
         while True:
             raw = await ws.recv()
             frame = json.loads(raw)
@@ -388,7 +387,7 @@ async def _latency(
     async def one(client: RunwatchClient, prompt: str) -> None:
         run = await client.chat(prompt)
         async for event in run:
-            latencies.append(time.time() - event.ts_us / 1e6)
+            latencies.append((now_us() - event.ts_us) / 1e6)
 
     rng = random.Random(8)
     tasks: list[asyncio.Task[None]] = []
@@ -427,10 +426,7 @@ async def _idle_memory(target: Target, count: int) -> float:
         streamer = _Streamer(target, f"idle{i // 10}")  # runwatch: 10 connections per user
         if target.kind == "runwatch":
             streamer.ws = await _ws(f"ws://127.0.0.1:{target.port}/ws")
-            await streamer.ws.send(
-                json.dumps({"type": "connect", "token": tokens.mint(f"idle{i // 10}")})
-            )
-            await streamer.ws.recv()
+            await authenticate(streamer.ws, tokens.mint(f"idle{i // 10}"))
         else:
             await streamer.open()
         return streamer

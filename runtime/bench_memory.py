@@ -25,8 +25,9 @@ import httpx
 import websockets
 
 from .auth import TokenAuthority
-from .bench import SECRET, start_server
+from .bench import SECRET, authenticate, start_server
 from .client import RunwatchClient
+from .protocol import Chat
 
 
 def rss_mib(pid: int) -> float:
@@ -66,8 +67,7 @@ async def _measure(pid: int, port: int, idle: int, flood: str) -> dict[str, floa
 
     async def connect(i: int) -> websockets.ClientConnection:
         ws = await websockets.connect(url)
-        await ws.send(json.dumps({"type": "connect", "token": tokens.mint(f"idle{i // 10}")}))
-        await ws.recv()
+        await authenticate(ws, tokens.mint(f"idle{i // 10}"))
         return ws
 
     idle_cost = await idle_connection_cost(pid, connect, idle)
@@ -78,10 +78,8 @@ async def _measure(pid: int, port: int, idle: int, flood: str) -> dict[str, floa
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
     slow = await websockets.connect(url, sock=sock, max_size=None, max_queue=1)
-    await slow.send(json.dumps({"type": "connect", "token": tokens.mint("slow")}))
-    await slow.recv()
-    chat = {"type": "chat", "text": flood, "client_msg_id": "flood", "agent": "flood"}
-    await slow.send(json.dumps(chat))
+    await authenticate(slow, tokens.mint("slow"))
+    await slow.send(Chat(flood, "flood", agent="flood").serialize())
     peak = after_idle
     closed_after = None
     started = time.monotonic()

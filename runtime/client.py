@@ -16,6 +16,9 @@ Reconnects back off exponentially (with jitter) up to ``max_backoff_s``; the bac
 over only once a connection has stayed up for ``stable_after_s``, so a server that accepts and
 then drops the socket at once is not hammered.
 
+Every frame the client sends is a client frame of :mod:`runtime.protocol`, serialized by it
+(the same parse/serialize pair the server uses).
+
 Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
 
     RunwatchError            the root of every runwatch exception
@@ -47,7 +50,7 @@ from websockets.exceptions import ConnectionClosed as _WsClosed
 
 from .errors import ConnectionClosed, RunwatchError, ServerError
 from .events import Event
-from .protocol import CloseCode
+from .protocol import Ack, Cancel, Chat, ClientFrame, CloseCode, Connect, Ping, Resume
 
 __all__ = ["ConnectionClosed", "Run", "RunwatchClient", "RunwatchError", "ServerError"]
 
@@ -184,7 +187,7 @@ class RunwatchClient:
         self._closing = False
         self._ready = asyncio.Event()
         self._closed_for_good: ConnectionClosed | None = None
-        self._chats: dict[str, tuple[dict[str, Any], asyncio.Future[Run]]] = {}
+        self._chats: dict[str, tuple[Chat, asyncio.Future[Run]]] = {}
         self._resumes: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._pongs: list[asyncio.Future[None]] = []
         #: Runs with a gap-filling resume in flight (one at a time per run).
@@ -210,15 +213,7 @@ class RunwatchClient:
             self.url, open_timeout=self.open_timeout_s, max_size=None, ping_interval=20
         )
         try:
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "connect",
-                        "token": await self._get_token(),
-                        "client": self.client_name,
-                    }
-                )
-            )
+            await ws.send(Connect(await self._get_token(), self.client_name).serialize())
             first = json.loads(await asyncio.wait_for(ws.recv(), self.open_timeout_s))
         except _WsClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
@@ -263,14 +258,14 @@ class RunwatchClient:
         if self._ws is not None:
             self._ws.transport.abort()
 
-    async def _send(self, frame: dict[str, Any]) -> None:
+    async def _send(self, frame: ClientFrame) -> None:
         await self._ready.wait()
         if self._closed_for_good is not None:
             raise self._closed_for_good
         assert self._ws is not None
         async with self._send_lock:
             with contextlib.suppress(_WsClosed):
-                await self._ws.send(json.dumps(frame))
+                await self._ws.send(frame.serialize())
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -285,11 +280,7 @@ class RunwatchClient:
     ) -> Run:
         """Start a run; returns it once the server accepted it (``run_accepted``)."""
         msg_id = client_msg_id or uuid.uuid4().hex
-        frame: dict[str, Any] = {"type": "chat", "text": text, "client_msg_id": msg_id}
-        if agent is not None:
-            frame["agent"] = agent
-        if thread_id is not None:
-            frame["thread_id"] = thread_id
+        frame = Chat(text, msg_id, thread_id=thread_id, agent=agent)
         future: asyncio.Future[Run] = asyncio.get_running_loop().create_future()
         self._chats[msg_id] = (frame, future)
         try:
@@ -308,7 +299,7 @@ class RunwatchClient:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._resumes[run_id] = future
         try:
-            await self._send({"type": "resume", "run_id": run_id, "after_seq": after})
+            await self._send(Resume(run_id, after))
             await asyncio.wait_for(future, 30)
         except BaseException:
             if known is None and not self.runs[run_id].events:
@@ -317,15 +308,15 @@ class RunwatchClient:
         return self.runs[run_id]
 
     async def cancel(self, run_id: str) -> None:
-        await self._send({"type": "cancel", "run_id": run_id})
+        await self._send(Cancel(run_id))
 
     async def ack(self, run_id: str, seq: int) -> None:
-        await self._send({"type": "ack", "run_id": run_id, "seq": seq})
+        await self._send(Ack(run_id, seq))
 
     async def ping(self, timeout: float = 10.0) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pongs.append(future)
-        await self._send({"type": "ping"})
+        await self._send(Ping())
         await asyncio.wait_for(future, timeout)
 
     async def send_raw(self, text: str | bytes) -> None:
@@ -388,9 +379,7 @@ class RunwatchClient:
                 await self._send(frame)
         for run in list(self.runs.values()):
             if not run.done:
-                await self._send(
-                    {"type": "resume", "run_id": run.run_id, "after_seq": run.last_seq}
-                )
+                await self._send(Resume(run.run_id, run.last_seq))
 
     async def _give_up(self, exc: ConnectionClosed) -> None:
         self._closed_for_good = exc
@@ -451,6 +440,4 @@ class RunwatchClient:
                 self._gap_resumes.add(run.run_id)
                 self.gap_resumes += 1
                 log.info("run %s: gap after seq %d; resuming", run.run_id, run.last_seq)
-                await self._send(
-                    {"type": "resume", "run_id": run.run_id, "after_seq": run.last_seq}
-                )
+                await self._send(Resume(run.run_id, run.last_seq))
