@@ -1,4 +1,4 @@
-"""The event envelope's building blocks: ids, timestamps and JSON text."""
+"""The event envelope and its building blocks: ids, the wall clock, timestamps and JSON text."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.events import dumps, format_ts, new_id, parse_ts
+from runtime.events import Event, EventType, dumps, format_ts, new_id, now_us, parse_ts
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -48,3 +48,24 @@ def test_dumps_is_compact_json_and_always_valid() -> None:
     # What the fast encoder refuses still comes out as valid, ASCII-escaped JSON.
     for value in ({"n": 2**80}, {"s": "x\ud800y"}):
         assert json.loads(dumps(value)) == value
+
+
+def test_now_us_is_the_wall_clock_in_epoch_microseconds() -> None:
+    before = time.time_ns() // 1000
+    now = now_us()
+    after = time.time_ns() // 1000
+    assert isinstance(now, int) and before <= now <= after
+
+
+@given(
+    st.sampled_from(EventType),
+    st.integers(min_value=1, max_value=2**31 - 1),
+    st.integers(min_value=0, max_value=253_402_300_799_999_999),
+    st.dictionaries(st.text(max_size=5), st.text(max_size=20) | st.integers(), max_size=3),
+)
+def test_an_event_survives_its_one_serialize_parse_pair(
+    kind: EventType, seq: int, ts_us: int, data: dict[str, object]
+) -> None:
+    event = Event(kind, new_id(), new_id(), new_id(), seq, ts_us, "demo", dict(data))
+    assert Event.from_json(event.to_json()) == event
+    assert Event.from_dict(json.loads(event.to_json())) == event
