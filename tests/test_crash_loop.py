@@ -20,7 +20,7 @@ from runtime.client import RunwatchClient, RunwatchError
 from runtime.events import Event
 from runtime.store.audit import AuditStore
 
-from .conftest import JWT_SECRET, free_port, make_token, sqlite_url, start_server_process
+from .conftest import JWT_SECRET, make_token, sqlite_url, start_server_process, wait_until
 from .invariants import assert_valid
 
 
@@ -29,45 +29,59 @@ def now_us() -> int:
 
 
 KILLS = int(os.environ.get("RUNWATCH_CRASH_LOOP_KILLS", "20"))
+#: Seeds the kill moments and each client's prompts and pauses; printed, so a failing loop
+#: can be run again as it was (the client SDK's reconnect jitter is not seeded).
+SEED = int(os.environ.get("RUNWATCH_CRASH_LOOP_SEED", "7"))
 PROMPTS = ("wait 2", "what is 6*7", "fail tool", "hello", "wait 1", "crash")
 
 
-async def _load(client: RunwatchClient, stop: asyncio.Event) -> int:
+async def _load(
+    client: RunwatchClient, rng: random.Random, stop: asyncio.Event, accepted: list[float]
+) -> int:
+    """Chat until told to stop; ``accepted`` gets the time of every chat the server took."""
     started = 0
-    i = random.randrange(len(PROMPTS))
+    i = rng.randrange(len(PROMPTS))
     while not stop.is_set():
         i += 1
         try:
             await client.chat(PROMPTS[i % len(PROMPTS)], timeout=60)
             started += 1
+            accepted.append(time.monotonic())
         except (RunwatchError, TimeoutError):
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the server is down or restarting: retry shortly
             continue
-        await asyncio.sleep(random.uniform(0, 0.3))
+        await asyncio.sleep(rng.uniform(0, 0.3))
     return started
 
 
 @pytest.mark.slow
 async def test_crash_loop(tmp_path: Path) -> None:
-    rng = random.Random(int(os.environ.get("RUNWATCH_CRASH_LOOP_SEED", "7")))
+    print(f"\ncrash loop seed {SEED} (RUNWATCH_CRASH_LOOP_SEED={SEED} runs it again)")
+    rng = random.Random(SEED)
     db = sqlite_url(tmp_path / "rw.db")
     env = {"RUNWATCH_DATABASE_URL": db, "RUNWATCH_JWT_SECRET": JWT_SECRET}
-    port = free_port()
-    server = start_server_process(tmp_path, env, port=port, command="runtime")
+    server = start_server_process(tmp_path, env, command="runtime")
     clients = [
         RunwatchClient(server.ws_url, make_token(f"user{i}"), max_backoff_s=0.3) for i in range(10)
     ]
     for c in clients:
         await c.connect()
     stop = asyncio.Event()
-    load = [asyncio.create_task(_load(c, stop)) for c in clients]
+    accepted: list[float] = []
+    load = [
+        asyncio.create_task(_load(c, random.Random(f"{SEED}:{i}"), stop, accepted))
+        for i, c in enumerate(clients)
+    ]
     try:
         for _ in range(KILLS):
-            await asyncio.sleep(rng.uniform(0.3, 2.0))
+            await asyncio.sleep(rng.uniform(0.3, 2.0))  # the kill comes at a random moment
             os.kill(server.proc.pid, signal.SIGKILL)
             server.proc.wait(10)
-            server = start_server_process(tmp_path, env, port=port, command="runtime")
-        await asyncio.sleep(1)
+            # The same address: the clients reconnect to it by themselves.
+            server = start_server_process(tmp_path, env, port=server.port, command="runtime")
+        # The last server takes chats from the clients that reconnected to it.
+        last_start = time.monotonic()
+        await wait_until(lambda: sum(t > last_start for t in accepted) >= len(clients), 60)
         stop.set()
         started = sum(await asyncio.gather(*load))
         # Every run a client knows of comes to its end, resumed from the store if need be.
@@ -105,7 +119,7 @@ async def test_crash_loop(tmp_path: Path) -> None:
     finally:
         await store.close()
     print(
-        f"\ncrash loop: {KILLS} kills, {started} chats accepted, {len(runs)} runs seen by clients, "
-        f"{len(received)} events received, {restarted} runs ended by runtime_restarted, "
-        f"lost {lost}"
+        f"\ncrash loop (seed {SEED}): {KILLS} kills, {started} chats accepted, "
+        f"{len(runs)} runs seen by clients, {len(received)} events received, "
+        f"{restarted} runs ended by runtime_restarted, lost {lost}"
     )
