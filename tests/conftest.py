@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ from runtime.auth import TokenAuthority
 from runtime.client import RunwatchClient
 from runtime.config import Settings
 from runtime.server import Runtime, create_app
-from runtime.store.migrate import upgrade
 from runtime.store.audit import AuditStore
+from runtime.store.migrate import upgrade
 from runtime.tools import ToolRegistry
 
 JWT_SECRET = "test-secret-not-for-production-0123456789"
@@ -52,10 +53,14 @@ def service_missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where nothing listens, held for the block: the socket is bound but
+    never listens, so a connection to it is refused and no other process can take the port
+    meanwhile (a port found free and then let go can be taken before it is used)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 async def wait_until(
@@ -177,40 +182,51 @@ class LiveServer:
         return float(self.rt.registry.get_sample_value(name, labels or {}) or 0.0)
 
 
+@dataclass
+class ServedApp:
+    server: uvicorn.Server
+    port: int
+
+
+@asynccontextmanager
+async def serve_app(app: Any, **config: Any) -> AsyncIterator[ServedApp]:
+    """Serve an ASGI app with uvicorn in this event loop, on a port the kernel picks: the
+    socket is bound here, before uvicorn's public ``Server.serve(sockets=...)`` gets it, and
+    the port is read from it, so no other process can take the port in between."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config)
+        )
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        await wait_until(lambda: server.started or task.done(), 20)
+        if task.done():
+            task.result()
+            raise AssertionError("uvicorn stopped before it started")
+        try:
+            yield ServedApp(server, port)
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(task, 30 * scale())
+
+
 @asynccontextmanager
 async def serve_runtime(
     settings: Settings, agents: AgentRegistry | None = None, tools: ToolRegistry | None = None
 ) -> AsyncIterator[LiveServer]:
     await asyncio.to_thread(upgrade, settings.database_url)
     rt = Runtime(settings, agents=agents, tools=tools)
-    app = create_app(rt)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        ws_max_size=1_048_576,
-        log_level="warning",
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server._serve([sock]))
-    await wait_until(lambda: server.started or task.done(), 20)
-    if task.done():
-        task.result()
-    live = LiveServer(rt=rt, port=port, server=server)
-    try:
-        yield live
-    finally:
-        for c in live.clients:
-            await c.close()
-        await rt.shutdown(drain_s=0)
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
-        sock.close()
+    async with serve_app(
+        create_app(rt), ws_max_size=1_048_576, lifespan="on", timeout_graceful_shutdown=5
+    ) as served:
+        live = LiveServer(rt=rt, port=served.port, server=served.server)
+        try:
+            yield live
+        finally:
+            for c in live.clients:
+                await c.close()
+            await rt.shutdown(drain_s=0)
 
 
 def make_settings(db: str, **overrides: Any) -> Settings:
@@ -257,6 +273,10 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+_PORT_TAKEN = "cannot listen on"
+_server_logs = itertools.count()
+
+
 def start_server_process(
     tmp_path: Path,
     env_extra: dict[str, str],
@@ -266,44 +286,96 @@ def start_server_process(
     name: str = "server",
     args: Sequence[str] = (),
 ) -> ServerProcess:
-    port = port or free_port()
+    """Start ``runwatch <command>`` as a child and wait until ``/healthz`` answers 200.
+
+    Without ``port`` the child binds port 0 itself and the test reads the port it got from
+    /proc, so no other process can take the port between choosing and binding it (runwatch
+    does not print the port it bound). With ``port`` (a restart on the address clients and
+    Prometheus already know), or where there is no /proc, a child that finds its port taken
+    (runwatch binds first and exits 2, "cannot listen on ...") is started again until the
+    deadline, on a new guess if the port was only a guess."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNWATCH_")}
     env.update({"PYTHONUNBUFFERED": "1", "RUNWATCH_INSTANCE_ID": "test"})
     env.update(env_extra)
-    log_path = tmp_path / f"{name}-{port}.log"
-    with log_path.open("ab") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "runtime.cli",
-                command,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *args,
-            ],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-        )
-    sp = ServerProcess(proc, port, log_path)
+    deadline = time.monotonic() + 30 * scale()
+    while True:
+        bind = port if port is not None else 0 if _HAVE_PROC else _guess_free_port()
+        log_path = tmp_path / f"{name}-{next(_server_logs)}.log"
+        with log_path.open("ab") as log_file:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "runtime.cli",
+                    command,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(bind),
+                    *args,
+                ],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+            )
+        sp = ServerProcess(proc, bind, log_path)
+        if _wait_healthy(sp, deadline):
+            return sp
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"server did not become healthy:\n{sp.log()}")
+        if bind and _PORT_TAKEN in sp.log() and time.monotonic() < deadline:
+            continue
+        raise AssertionError(f"server exited with {proc.returncode}:\n{sp.log()}")
+
+
+_HAVE_PROC = Path("/proc/self/fd").is_dir() and Path("/proc/net/tcp").is_file()
+
+
+def _guess_free_port() -> int:
+    """A port free a moment ago (where there is no /proc): someone may take it before the
+    child binds it, so the caller retries when the child says so."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listening_port(pid: int) -> int | None:
+    """The TCP port process ``pid`` listens on, read from /proc (Linux), or None yet."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+        links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds}
+    except OSError:  # the process or one of its descriptors went away meanwhile
+        return None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                local, state, inode = (row.split()[i] for i in (1, 3, 9))
+                if state == "0A" and f"socket:[{inode}]" in links:  # 0A: LISTEN
+                    return int(local.rsplit(":", 1)[1], 16)
+    return None
+
+
+def _wait_healthy(sp: ServerProcess, deadline: float) -> bool:
+    """Poll until the child listens and answers ``/healthz`` with 200 (True), or exits or
+    the deadline passes (False). A ``sp.port`` of 0 is filled in once the child listens."""
     import httpx
 
-    deadline = time.monotonic() + 30 * scale()
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{sp.log()}")
-        try:
-            if httpx.get(f"{sp.http_url}/healthz", timeout=1).status_code == 200:
-                return sp
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"server did not become healthy:\n{sp.log()}")
+        if sp.proc.poll() is not None:
+            return False
+        if not sp.port:
+            sp.port = _listening_port(sp.proc.pid) or 0
+        if sp.port:
+            try:
+                if httpx.get(f"{sp.http_url}/healthz", timeout=1).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.05)
+    return False
 
 
 def chromium_path() -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import yaml
 
-from .conftest import free_port, scale, service_missing
+from .conftest import scale, service_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ class Prometheus:
         while time.monotonic() < deadline:
             if predicate():
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)
         raise AssertionError(f"{what} not seen within {timeout * scale():.0f}s\n{self.log()}")
 
     def log(self) -> str:
@@ -156,10 +156,13 @@ def scrape_config(
     return config
 
 
+_LISTENING = re.compile(r'msg="Listening on" address=127\.0\.0\.1:(\d+)')
+
+
 @contextmanager
 def run_prometheus(workdir: Path, config: dict[str, Any]) -> Iterator[Prometheus]:
-    """Prometheus with ``config`` (see :func:`scrape_config`)."""
-    port = free_port()
+    """Prometheus with ``config`` (see :func:`scrape_config`), on a port it binds itself
+    (``127.0.0.1:0``) and reports in its log, so no other process can take it first."""
     cfg = workdir / "prometheus.yml"
     cfg.write_text(yaml.safe_dump(config))
     log_path = workdir / "prometheus.log"
@@ -169,15 +172,15 @@ def run_prometheus(workdir: Path, config: dict[str, Any]) -> Iterator[Prometheus
                 binary("prometheus"),
                 f"--config.file={cfg}",
                 f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.listen-address=127.0.0.1:0",
                 "--storage.tsdb.retention.time=1h",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    prom = Prometheus(proc, port, log_path)
+    prom = Prometheus(proc, 0, log_path)
     try:
-        prom.wait_for(lambda: _ready(prom), 30, "prometheus ready")
+        prom.wait_for(lambda: _listening(prom) and _ready(prom), 30, "prometheus ready")
         yield prom
     finally:
         proc.terminate()
@@ -186,6 +189,16 @@ def run_prometheus(workdir: Path, config: dict[str, Any]) -> Iterator[Prometheus
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _listening(prom: Prometheus) -> bool:
+    """True once Prometheus logged the port it listens on (then ``prom.port`` is set)."""
+    if prom.proc.poll() is not None:
+        raise AssertionError(f"prometheus exited with {prom.proc.returncode}:\n{prom.log()}")
+    found = _LISTENING.search(prom.log_path.read_text(errors="replace"))
+    if found:
+        prom.port = int(found.group(1))
+    return found is not None
 
 
 def _ready(prom: Prometheus) -> bool:

@@ -35,7 +35,7 @@ async def test_sigkill_mid_run_ends_with_runtime_restarted(tmp_path: Path) -> No
             server.proc.kill()
             server.proc.wait()
 
-    restarted = start_server_process(tmp_path, env, port=server.port)
+    restarted = start_server_process(tmp_path, env)
     try:
         store = AuditStore.open(db)
         try:

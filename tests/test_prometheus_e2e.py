@@ -39,7 +39,6 @@ from runtime.store.audit import AuditStore, Batch, RunInfo
 
 from .conftest import (
     JWT_SECRET,
-    free_port,
     make_token,
     scale,
     sqlite_url,
@@ -165,10 +164,8 @@ async def test_split_deployment_dashboards_and_down_alerts(tmp_path: Path) -> No
         "RUNWATCH_RUN_TIMEOUT_S": "4",
         "RUNWATCH_CHAT_BURST": "100000",
     }
-    runtime_port = free_port()
-    runtime = start_server_process(
-        tmp_path, common, port=runtime_port, command="runtime", name="runtime"
-    )
+    runtime = start_server_process(tmp_path, common, command="runtime", name="runtime")
+    runtime_port = runtime.port  # the restarted runtime comes back on it: the same target
     monitor = start_server_process(
         tmp_path,
         {

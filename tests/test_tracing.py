@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -33,8 +31,8 @@ from monitor.api import MonitorAuth
 from monitor.web import build_web
 from runtime.events import EventType, Receipt, new_id
 from runtime.pipeline import Emitted
-from runtime.store.migrate import upgrade
 from runtime.store.audit import AuditStore
+from runtime.store.migrate import upgrade
 from runtime.store.writer import DeliveryLog
 from runtime.tracing import (
     RunTracer,
@@ -49,7 +47,14 @@ from runtime.tracing import (
 )
 
 from . import test_llm_agent
-from .conftest import free_port, make_settings, serve_runtime, sqlite_url, wait_until
+from .conftest import (
+    closed_port,
+    make_settings,
+    serve_app,
+    serve_runtime,
+    sqlite_url,
+    wait_until,
+)
 from .invariants import assert_valid
 from .test_checker import lifecycle, now_us, receipts, write_run
 from .test_llm_agent import FakeOpenAI, fake_openai, llm_env  # noqa: F401
@@ -134,16 +139,9 @@ class Receiver:
 async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver()
     app = Starlette(routes=[Route("/v1/traces", rec.traces, methods=["POST"])])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    rec.port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server._serve([sock]))
-    await wait_until(lambda: server.started, 10)
-    yield rec
-    server.should_exit = True
-    await task
-    sock.close()
+    async with serve_app(app, lifespan="off") as served:
+        rec.port = served.port
+        yield rec
 
 
 def otel_env(monkeypatch: pytest.MonkeyPatch, endpoint: str, **extra: str) -> None:
@@ -471,22 +469,20 @@ async def test_failed_model_round_is_an_error_span(
 async def test_receiver_down_leaves_runs_alone_and_counts_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    otel_env(
-        monkeypatch,
-        f"http://127.0.0.1:{free_port()}",  # nothing listens there
-        OTEL_EXPORTER_OTLP_TIMEOUT="1",
-    )
     caplog.set_level(logging.INFO, logger="runwatch.tracing")
-    async with serve_runtime(make_settings(sqlite_url(tmp_path / "rw.db"))) as live:
-        assert live.metric(ERRORS) == 0.0  # the series exists from the start
-        client = await live.client("alice")
-        for _ in range(2):
-            started = time.monotonic()
-            events = await (await client.chat("what is 6*7")).wait(20)
-            assert_valid(events)
-            assert events[-1].type == EventType.AGENT_COMPLETED
-            assert time.monotonic() - started < 5
-            await wait_until(lambda n=_ + 1: live.metric(ERRORS) >= n, 20)
+    # Nothing listens on the port, and nothing can take it while the test runs.
+    with closed_port() as port:
+        otel_env(monkeypatch, f"http://127.0.0.1:{port}", OTEL_EXPORTER_OTLP_TIMEOUT="1")
+        async with serve_runtime(make_settings(sqlite_url(tmp_path / "rw.db"))) as live:
+            assert live.metric(ERRORS) == 0.0  # the series exists from the start
+            client = await live.client("alice")
+            for _ in range(2):
+                started = time.monotonic()
+                events = await (await client.chat("what is 6*7")).wait(20)
+                assert_valid(events)
+                assert events[-1].type == EventType.AGENT_COMPLETED
+                assert time.monotonic() - started < 5
+                await wait_until(lambda n=_ + 1: live.metric(ERRORS) >= n, 20)
     failing = [r for r in caplog.records if "trace export" in r.getMessage()]
     # Logged once per state change, not once per failed export; the exporter's own lines held.
     assert len(failing) == 1 and "is failing" in failing[0].getMessage()
