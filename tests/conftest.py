@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import socket
@@ -24,11 +25,14 @@ from typing import Any
 
 import pytest
 import uvicorn
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
 
 from runtime.agents import AgentRegistry
 from runtime.auth import TokenAuthority
 from runtime.client import RunwatchClient
 from runtime.config import Settings
+from runtime.protocol import Connect
 from runtime.server import Runtime, create_app
 from runtime.store.audit import AuditStore
 from runtime.store.migrate import upgrade
@@ -227,6 +231,22 @@ async def serve_runtime(
             for c in live.clients:
                 await c.close()
             await rt.shutdown(drain_s=0)
+
+
+async def open_ws(url: str, token: str | None = None, **options: Any) -> ClientConnection:
+    """A raw WebSocket to ``/ws`` for tests of the wire protocol; with ``token``, the
+    ``connect`` frame is sent and the ``connected`` answer read.
+
+    Its receive queue is unbounded (``max_queue=None``) unless ``options`` say otherwise: a
+    test that leaves its runs' events unread can still close at once. With websockets' default
+    bound (16 frames) the client stops reading, never reads the server's close frame, and
+    ``close()`` waits out its 10 s close timeout (then reports 1006)."""
+    ws = await ws_connect(url, **{"max_queue": None, **options})
+    if token is not None:
+        await ws.send(Connect(token).serialize())
+        first = json.loads(await asyncio.wait_for(ws.recv(), 10 * scale()))
+        assert first["type"] == "connected", first
+    return ws
 
 
 def make_settings(db: str, **overrides: Any) -> Settings:

@@ -8,18 +8,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import LiveServer, make_settings, make_token, serve_runtime, sqlite_url
+from runtime.protocol import Chat, Connect, Ping
+
+from .conftest import (
+    LiveServer,
+    make_settings,
+    make_token,
+    open_ws,
+    serve_runtime,
+    sqlite_url,
+    wait_until,
+)
 
 
 async def connect(live: LiveServer, user: str = "alice") -> ClientConnection:
-    ws = await websockets.connect(live.ws_url, max_size=None)
-    await ws.send(json.dumps({"type": "connect", "token": live.token(user)}))
-    assert json.loads(await ws.recv())["type"] == "connected"
-    return ws
+    return await open_ws(live.ws_url, live.token(user), max_size=None)
 
 
 async def recv(ws: ClientConnection) -> dict[str, Any]:
@@ -70,7 +76,7 @@ async def test_bad_frames_get_their_error_and_the_connection_stays(
     assert error["code"] == code
     assert error.get("ref") == ref
     assert "Traceback" not in error["message"]
-    await ws.send(json.dumps({"type": "ping"}))
+    await ws.send(Ping().serialize())
     assert (await recv(ws)) == {"type": "pong"}
     await ws.close()
     await healthy(live)
@@ -78,10 +84,9 @@ async def test_bad_frames_get_their_error_and_the_connection_stays(
 
 async def test_a_refused_chat_does_not_use_up_its_id(live: LiveServer) -> None:
     ws = await connect(live)
-    bad = {"type": "chat", "text": "hi", "client_msg_id": "m1", "agent": "nope"}
-    await ws.send(json.dumps(bad))
+    await ws.send(Chat("hi", "m1", agent="nope").serialize())
     assert (await recv(ws))["code"] == "unknown_agent"
-    await ws.send(json.dumps({"type": "chat", "text": "hi", "client_msg_id": "m1"}))
+    await ws.send(Chat("hi", "m1").serialize())
     accepted = await recv(ws)
     assert accepted["type"] == "run_accepted" and accepted["duplicate"] is False
     await ws.close()
@@ -100,7 +105,7 @@ async def test_good_frames_reset_the_bad_frame_count(live: LiveServer) -> None:
     for _ in range(3):
         for _ in range(live.rt.settings.max_bad_frames - 1):
             await ws.send("{bad")
-        await ws.send(json.dumps({"type": "ping"}))
+        await ws.send(Ping().serialize())
     frames = [await recv(ws) for _ in range(3 * live.rt.settings.max_bad_frames)]
     assert frames.count({"type": "pong"}) == 3
     await ws.close()
@@ -120,7 +125,7 @@ async def test_good_frames_reset_the_bad_frame_count(live: LiveServer) -> None:
 async def test_anything_but_a_valid_connect_first_closes_with_4401(
     live: LiveServer, first: str | bytes
 ) -> None:
-    ws = await websockets.connect(live.ws_url)
+    ws = await open_ws(live.ws_url)
     await ws.send(first)
     assert await close_code(ws) == 4401
     await healthy(live)
@@ -131,46 +136,40 @@ async def test_expired_and_foreign_tokens_close_with_4401(live: LiveServer) -> N
         make_token("alice", ttl_s=-3600),
         make_token("alice", secret="another-secret-of-enough-length-0123456789"),
     ):
-        ws = await websockets.connect(live.ws_url)
-        await ws.send(json.dumps({"type": "connect", "token": token}))
+        ws = await open_ws(live.ws_url)
+        await ws.send(Connect(token).serialize())
         assert await close_code(ws) == 4401
     assert live.metric("runwatch_connections_total", {"result": "unauthorized"}) == 2
 
 
 async def test_a_connection_does_not_outlive_its_token(live: LiveServer) -> None:
     live.rt.tokens.leeway_s = 0
-    ws = await websockets.connect(live.ws_url)
-    await ws.send(json.dumps({"type": "connect", "token": live.token("alice", ttl_s=1)}))
-    assert json.loads(await ws.recv())["type"] == "connected"
+    ws = await open_ws(live.ws_url, live.token("alice", ttl_s=1))
     assert await close_code(ws) == 4401
 
 
 async def test_no_connect_within_the_deadline_closes_with_4401(tmp_path: Path) -> None:
     settings = make_settings(sqlite_url(tmp_path / "rw.db"), connect_timeout_s=0.5)
     async with serve_runtime(settings) as live:
-        ws = await websockets.connect(live.ws_url)
+        ws = await open_ws(live.ws_url)
         assert await close_code(ws) == 4401
         assert live.metric("runwatch_connections_total", {"result": "timeout"}) == 1
 
 
 async def test_oversize_frame_closes_with_1009(live: LiveServer) -> None:
     ws = await connect(live)
-    huge = json.dumps({"type": "chat", "text": "x" * 1_100_000, "client_msg_id": "big"})
-    await ws.send(huge)
+    await ws.send(Chat("x" * 1_100_000, "big").serialize())
     assert await close_code(ws) == 1009
     await healthy(live)
 
 
 async def test_eleventh_connection_closes_with_4429(live: LiveServer) -> None:
     sockets = [await connect(live, "carol") for _ in range(10)]
-    extra = await websockets.connect(live.ws_url)
-    await extra.send(json.dumps({"type": "connect", "token": live.token("carol")}))
+    extra = await open_ws(live.ws_url)
+    await extra.send(Connect(live.token("carol")).serialize())
     assert await close_code(extra) == 4429
     await sockets[0].close()
-    for _ in range(50):
-        if len(live.rt.hub.connections("carol")) < 10:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: len(live.rt.hub.connections("carol")) < 10, 5)
     again = await connect(live, "carol")
     await again.close()
     for ws in sockets[1:]:
@@ -183,7 +182,7 @@ async def test_chat_rate_limit_per_user(tmp_path: Path) -> None:
         ws = await connect(live)
         answers = []
         for i in range(5):
-            await ws.send(json.dumps({"type": "chat", "text": "hi", "client_msg_id": f"m{i}"}))
+            await ws.send(Chat("hi", f"m{i}").serialize())
         while len(answers) < 5:
             frame = await recv(ws)
             if frame["type"] in ("run_accepted", "error"):
