@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import statistics
 import time
@@ -16,6 +15,7 @@ from runtime.agents import AgentRegistry
 from runtime.agents.flood import flood_agent
 from runtime.client import RunwatchClient
 from runtime.events import EventType
+from runtime.protocol import Chat, Connect
 
 from .conftest import LiveServer, make_settings, serve_runtime, sqlite_url, wait_until
 from .invariants import assert_valid
@@ -50,10 +50,9 @@ async def test_slow_consumer_is_closed_with_4008_and_recovers_by_resume(tmp_path
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", live.port))
         slow = await ws_connect(live.ws_url, sock=sock, max_size=None, max_queue=1)
-        await slow.send(json.dumps({"type": "connect", "token": live.token("slow")}))
+        await slow.send(Connect(live.token("slow")).serialize())
         await slow.recv()
-        msg = {"type": "chat", "text": "flood 3000 4000", "client_msg_id": "f1", "agent": "flood"}
-        await slow.send(json.dumps(msg))
+        await slow.send(Chat("flood 3000 4000", "f1", agent="flood").serialize())
         await wait_until(
             lambda: live.metric("runwatch_disconnects_total", {"code": "4008"}) == 1, 30
         )

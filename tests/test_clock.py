@@ -7,9 +7,9 @@ import asyncio
 import json
 import time
 
-import websockets
+from runtime.protocol import Ping
 
-from .conftest import LiveServer
+from .conftest import LiveServer, open_ws
 
 
 async def test_a_token_inside_the_leeway_stays_open_until_the_leeway_ends(
@@ -19,11 +19,9 @@ async def test_a_token_inside_the_leeway_stays_open_until_the_leeway_ends(
     # Expired a second ago (``exp`` is whole seconds: one to two seconds ago): still accepted
     # (leeway 3 s), and closed one to two seconds later.
     token = live.rt.tokens.mint("alice", ttl_s=-1)
-    async with websockets.connect(live.ws_url) as ws:
-        await ws.send(json.dumps({"type": "connect", "token": token}))
-        assert json.loads(await ws.recv())["type"] == "connected"
+    async with await open_ws(live.ws_url, token) as ws:
         opened = time.monotonic()
-        await ws.send('{"type":"ping"}')
+        await ws.send(Ping().serialize())
         assert json.loads(await asyncio.wait_for(ws.recv(), 5)) == {"type": "pong"}
         await asyncio.wait_for(ws.wait_closed(), 10)
         lived = time.monotonic() - opened

@@ -6,12 +6,12 @@ import asyncio
 import json
 
 import pytest
-import websockets
 
 from runtime.client import RunwatchError
 from runtime.events import Event, EventType
+from runtime.protocol import Connect, Resume
 
-from .conftest import LiveServer, wait_until
+from .conftest import LiveServer, open_ws, wait_until
 from .invariants import assert_valid
 
 
@@ -40,11 +40,11 @@ async def test_raw_resume_sends_each_later_seq_exactly_once_then_resumed(
     run = await alice.chat("wait 2")
     await wait_until(lambda: len(run.events) >= 3, 5)
     token = live.token("alice")
-    async with websockets.connect(live.ws_url) as ws:
-        await ws.send(json.dumps({"type": "connect", "token": token}))
+    async with await open_ws(live.ws_url) as ws:
+        await ws.send(Connect(token).serialize())
         connected = json.loads(await ws.recv())
         assert run.run_id in {r["run_id"] for r in connected["active_runs"]}
-        await ws.send(json.dumps({"type": "resume", "run_id": run.run_id, "after_seq": 1}))
+        await ws.send(Resume(run.run_id, after_seq=1).serialize())
         frames = []
         while True:
             frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -69,11 +69,8 @@ async def test_resume_of_a_finished_run_replays_it_whole(live: LiveServer) -> No
     assert [e.to_dict() for e in replay.events] == [e.to_dict() for e in original]
     # Past the last seq: nothing to replay.
     token = live.token("alice")
-    async with websockets.connect(live.ws_url) as ws:
-        await ws.send(json.dumps({"type": "connect", "token": token}))
-        await ws.recv()
-        msg = {"type": "resume", "run_id": original[0].run_id, "after_seq": 99}
-        await ws.send(json.dumps(msg))
+    async with await open_ws(live.ws_url, token) as ws:
+        await ws.send(Resume(original[0].run_id, after_seq=99).serialize())
         frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert frame == {
             "type": "resumed",

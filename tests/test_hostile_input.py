@@ -18,7 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import LiveServer
+from runtime.protocol import Ping
+
+from .conftest import LiveServer, open_ws
 
 FRAMES = int(os.environ.get("RUNWATCH_FUZZ_FRAMES", "10000"))
 BATCH = 200  # frames per generated example: 50+ examples make 10,000 frames
@@ -94,9 +96,7 @@ async def test_ten_thousand_hostile_frames(live: LiveServer) -> None:
     loop = asyncio.get_running_loop()
 
     async def open_attacker() -> tuple[websockets.ClientConnection, asyncio.Task[None]]:
-        ws = await websockets.connect(live.ws_url, max_size=None)
-        await ws.send(json.dumps({"type": "connect", "token": live.token("attacker")}))
-        assert json.loads(await ws.recv())["type"] == "connected"
+        ws = await open_ws(live.ws_url, live.token("attacker"), max_size=None)
         pongs: asyncio.Queue[None] = asyncio.Queue()
 
         async def read() -> None:
@@ -126,7 +126,7 @@ async def test_ten_thousand_hostile_frames(live: LiveServer) -> None:
                 assert code in (4400, 1009), f"closed with {code}"
                 ws, reader = await open_attacker()
         with contextlib.suppress(ConnectionClosed):
-            await ws.send('{"type":"ping"}')
+            await ws.send(Ping().serialize())
         pong = asyncio.ensure_future(ws.pongs.get())  # type: ignore[attr-defined]
         await asyncio.wait([pong, reader], timeout=10, return_when=asyncio.FIRST_COMPLETED)
         if not pong.done():

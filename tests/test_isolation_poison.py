@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
 from runtime.client import RunwatchClient
-from runtime.protocol import FrameError, ProtocolErrorCode, dumps, parse_client_frame
+from runtime.protocol import FrameError, Ping, ProtocolErrorCode, dumps, parse_client_frame
 from runtime.store.audit import AuditStore
 
-from .conftest import make_settings, serve_runtime, wait_until
+from .conftest import make_settings, open_ws, serve_runtime, wait_until
 
 POISONS = ["\x00", "\ud83d", "\udfff", "a\ud800b", "ok\x00"]
 
@@ -104,13 +104,6 @@ class _Errors(logging.Handler):
         self.records.append(record)
 
 
-async def _open(url: str, token: str) -> websockets.ClientConnection:
-    ws = await websockets.connect(url)
-    await ws.send(json.dumps({"type": "connect", "token": token}))
-    assert json.loads(await ws.recv())["type"] == "connected"
-    return ws
-
-
 async def _answer(ws: websockets.ClientConnection, want: set[str]) -> dict[str, Any]:
     while True:
         frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -127,7 +120,7 @@ async def test_arbitrary_strings_never_stop_another_users_run(db_url: str) -> No
     cfg = make_settings(db_url, chat_burst=1000, chat_refill_per_s=1000.0)
     async with serve_runtime(cfg) as live:
         bob = await live.client("bob")
-        alice = await _open(live.ws_url, live.token("alice"))
+        alice = await open_ws(live.ws_url, live.token("alice"))
         store = AuditStore.open(db_url)
 
         async def attack(index: int, value: str) -> None:
@@ -139,7 +132,7 @@ async def test_arbitrary_strings_never_stop_another_users_run(db_url: str) -> No
                 frame[field] = value or "x"
             if frame["type"] == "connect":
                 # A poisoned handshake closes only that socket (4401), never another one.
-                ws = await websockets.connect(live.ws_url)
+                ws = await open_ws(live.ws_url)
                 await ws.send(_wire(frame))
                 with contextlib.suppress(ConnectionClosed):
                     await asyncio.wait_for(ws.recv(), 10)
@@ -147,13 +140,13 @@ async def test_arbitrary_strings_never_stop_another_users_run(db_url: str) -> No
                 assert ws.close_code == 4401
             else:
                 await alice.send(_wire(frame))
-                await alice.send('{"type":"ping"}')
+                await alice.send(Ping().serialize())
                 answer = await _answer(alice, {"error", "pong", "run_accepted"})
                 if answer["type"] == "error" and answer["code"] == "invalid_message":
                     stats["invalid"] += 1
                 await _answer(alice, {"pong"}) if answer["type"] != "pong" else None
             # Alice's socket is still open and answering.
-            await alice.send('{"type":"ping"}')
+            await alice.send(Ping().serialize())
             await _answer(alice, {"pong"})
             if stats["attacks"] % 8 == 0:
                 run = await bob.chat("what is 6*7")

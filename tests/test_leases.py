@@ -13,15 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import websockets
 
 from runtime.events import EventType
 from runtime.lease import InstanceLease, LeaseHeld
+from runtime.protocol import Chat
 from runtime.store.audit import AuditStore, Lease, RunInfo
 
 from .conftest import (
     JWT_SECRET,
     make_token,
+    open_ws,
     sqlite_url,
     start_server_process,
     wait_until,
@@ -102,23 +103,16 @@ async def test_second_serve_on_the_same_database_never_touches_the_first(tmp_pat
     env = {"RUNWATCH_DATABASE_URL": db, "RUNWATCH_JWT_SECRET": JWT_SECRET}
     first = start_server_process(tmp_path, {**env, "RUNWATCH_INSTANCE_ID": "one"})
     try:
-        async with websockets.connect(first.ws_url) as ws:
-            await ws.send(json.dumps({"type": "connect", "token": make_token("alice")}))
-            assert json.loads(await ws.recv())["type"] == "connected"
-            await ws.send(json.dumps({"type": "chat", "text": "wait 2", "client_msg_id": "m"}))
+        async with await open_ws(first.ws_url, make_token("alice")) as ws:
+            await ws.send(Chat("wait 2", "m").serialize())
             run_id = json.loads(await ws.recv())["run_id"]
             # The same port: refused before the store is touched.
             same_port = await asyncio.to_thread(
                 _cli, tmp_path, env, "serve", "--port", str(first.port)
             )
-            # Another port, the same explicit instance id: refused by the lease.
+            # Another port (any free one), the same explicit instance id: refused by the lease.
             same_id = await asyncio.to_thread(
-                _cli,
-                tmp_path,
-                {**env, "RUNWATCH_INSTANCE_ID": "one"},
-                "serve",
-                "--port",
-                str(first.port + 1),
+                _cli, tmp_path, {**env, "RUNWATCH_INSTANCE_ID": "one"}, "serve", "--port", "0"
             )
             events = []
             while not events or events[-1]["type"] not in ("agent_completed", "agent_error"):

@@ -26,6 +26,7 @@ from runtime.agents import AgentRegistry, RunContext
 from runtime.agents.flood import flood_agent
 from runtime.client import ConnectionClosed, RunwatchClient
 from runtime.events import Event, EventType
+from runtime.protocol import Chat, Connect
 from runtime.store.audit import AuditStore
 from runtime.tools import Tool, builtin_tools
 
@@ -123,10 +124,9 @@ async def test_outbox_bound_stops_a_runaway_agent_without_losing_or_reordering(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", live.port))
         slow = await ws_connect(live.ws_url, sock=sock, max_size=None, max_queue=1)
-        await slow.send(json.dumps({"type": "connect", "token": live.token("slow")}))
+        await slow.send(Connect(live.token("slow")).serialize())
         assert json.loads(await slow.recv())["type"] == "connected"
-        chat = {"type": "chat", "text": "go", "client_msg_id": "r1", "agent": "runaway"}
-        await slow.send(json.dumps(chat))
+        await slow.send(Chat("go", "r1", agent="runaway").serialize())
         accepted = json.loads(await slow.recv())
         assert accepted["type"] == "run_accepted"
         run_id = accepted["run_id"]

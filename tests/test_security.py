@@ -16,12 +16,14 @@ from pathlib import Path
 import httpx
 import jwt
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from runtime.auth import AuthError, TokenAuthority
 from runtime.client import RunwatchClient
 from runtime.events import new_id
+from runtime.protocol import Connect
 
-from .conftest import JWT_SECRET, make_token, sqlite_url, start_server_process
+from .conftest import JWT_SECRET, make_token, open_ws, sqlite_url, start_server_process
 
 
 def _hs512(claims: dict[str, object]) -> str:
@@ -104,11 +106,9 @@ async def test_tokens_never_reach_the_log_or_the_store(tmp_path: Path) -> None:
         await client.connect()
         await (await client.chat("what is 1+1")).wait(10)
         await client.close()
-        import websockets
-
-        async with websockets.connect(server.ws_url) as ws:
-            await ws.send(json.dumps({"type": "connect", "token": bad}))
-            with pytest.raises(websockets.ConnectionClosed):
+        async with await open_ws(server.ws_url) as ws:
+            await ws.send(Connect(bad).serialize())
+            with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 5)
     finally:
         server.proc.send_signal(signal.SIGTERM)

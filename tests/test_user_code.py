@@ -7,11 +7,10 @@ import asyncio
 import json
 from pathlib import Path
 
-from websockets.asyncio.client import connect as ws_connect
-
+from runtime.protocol import Chat
 from runtime.tools import load_tool, tool_from_callable
 
-from .conftest import JWT_SECRET, make_token, start_server_process
+from .conftest import JWT_SECRET, make_token, open_ws, start_server_process
 
 USER_MODULE = '''
 from runtime.agents import RunContext
@@ -58,11 +57,8 @@ async def test_serve_runs_an_agent_and_a_tool_from_the_current_directory(tmp_pat
         args=["--agent", "myagent:hello", "--tool", "myagent:shout"],
     )
     try:
-        async with ws_connect(server.ws_url) as ws:
-            await ws.send(json.dumps({"type": "connect", "token": make_token("alice")}))
-            await ws.recv()
-            chat = {"type": "chat", "text": "hi", "client_msg_id": "m1", "agent": "hello"}
-            await ws.send(json.dumps(chat))
+        async with await open_ws(server.ws_url, make_token("alice")) as ws:
+            await ws.send(Chat("hi", "m1", agent="hello").serialize())
             frames = []
             while not frames or frames[-1]["type"] not in ("agent_completed", "agent_error"):
                 frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))

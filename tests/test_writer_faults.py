@@ -28,20 +28,20 @@ import httpx
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
-from websockets.asyncio.client import connect as ws_connect
 
 from runtime.agents import AgentRegistry
 from runtime.client import RunwatchClient
 from runtime.events import ErrorCode, Event, EventType, now_us
 from runtime.lifecycle import RunLifecycle
 from runtime.metrics import EVENT_TYPES
+from runtime.protocol import Chat
+from runtime.store.audit import AuditStore, Batch, ConnectionOpen
 from runtime.store.errors import StoreRejected, StoreUnavailable, storable, translate
 from runtime.store.journal import Journal, JournalError
 from runtime.store.migrate import upgrade
 from runtime.store.models import ConnectionRow
-from runtime.store.audit import AuditStore, Batch, ConnectionOpen
 
-from .conftest import LiveServer, make_settings, serve_runtime, sqlite_url, wait_until
+from .conftest import LiveServer, make_settings, open_ws, serve_runtime, sqlite_url, wait_until
 from .faultproxy import FaultProxy
 from .invariants import assert_valid
 
@@ -175,16 +175,14 @@ async def test_a_chat_the_store_refuses_is_answered_invalid_message(tmp_path: Pa
         )
         db.commit()
     async with serve_runtime(make_settings(url, data_dir=str(tmp_path / "d"))) as live:
-        ws = await ws_connect(live.ws_url)
-        await ws.send(json.dumps({"type": "connect", "token": live.token("alice")}))
-        json.loads(await ws.recv())
-        chat = {"type": "chat", "text": "hello", "client_msg_id": "refuse-1"}
-        await ws.send(json.dumps(chat))
+        # The run accepted below is not read: open_ws's unbounded queue lets close() finish.
+        ws = await open_ws(live.ws_url, live.token("alice"))
+        await ws.send(Chat("hello", "refuse-1").serialize())
         answer = json.loads(await ws.recv())
         # Retrying cannot help: not "rate_limited" (retry shortly) but invalid_message.
         assert answer["type"] == "error" and answer["code"] == "invalid_message", answer
         assert answer["ref"] == "refuse-1"
-        await ws.send(json.dumps({**chat, "client_msg_id": "ok-1"}))
+        await ws.send(Chat("hello", "ok-1").serialize())
         accepted = json.loads(await ws.recv())
         assert accepted["type"] == "run_accepted", accepted
         await ws.close()
