@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -84,10 +83,14 @@ async def test_two_replicas_fan_out_events_cancels_and_acks(pg_url: str, redis_u
         done = await slow.wait(5)
         assert done[-1].data["code"] == "cancelled"
 
-        # Another user on B never sees alice's events.
+        # Another user on B never sees alice's events. B fans an event out to every
+        # connection it goes to at once: once alice's tab on B has the whole run, anything
+        # sent to bob with it is queued on bob's socket ahead of the pong to a later ping.
         bob = await b.client("bob")
-        await (await tab_a.chat("hello")).wait(10)
-        await asyncio.sleep(0.3)
+        hello = await tab_a.chat("hello")
+        await hello.wait(10)
+        await wait_until(lambda: hello.run_id in tab_b.runs and tab_b.runs[hello.run_id].done, 10)
+        await bob.ping()
         assert bob.runs == {}
 
         # Resume on B of a run that lives on A replays from the store.
