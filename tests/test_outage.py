@@ -15,18 +15,26 @@ import pytest
 
 from runtime.client import RunwatchClient, RunwatchError
 from runtime.events import Event
-from runtime.store.journal import Journal
 from runtime.store.audit import AuditStore
+from runtime.store.journal import Journal
 
 from .conftest import make_settings, serve_runtime, wait_until
 from .faultproxy import FaultProxy
 from .invariants import assert_valid
 
-OUTAGE_S = float(os.environ.get("RUNWATCH_TEST_OUTAGE_S", "30"))
+#: The outage lasts at least this long (a soak: RUNWATCH_TEST_OUTAGE_S=30); by default it
+#: ends as soon as it has shown what it is for (``outage_shown`` in the test).
+OUTAGE_S = float(os.environ.get("RUNWATCH_TEST_OUTAGE_S", "0"))
+#: Failed writes the outage must see once the journal took over: the writer keeps probing
+#: the store with a growing delay (0.05 s doubling), and finds it down each time.
+FAILED_WRITES = 6
 PROMPTS = ("wait 2", "what is 3*7", "fail tool", "hello", "what time is it")
 
 
-async def _load(client: RunwatchClient, stop: asyncio.Event, received: list[Event]) -> int:
+async def _load(
+    client: RunwatchClient, stop: asyncio.Event, received: list[Event], accepted: list[float]
+) -> int:
+    """Chat until told to stop; ``accepted`` gets the time of every chat the server took."""
     runs = 0
     i = 0
     while not stop.is_set():
@@ -37,6 +45,7 @@ async def _load(client: RunwatchClient, stop: asyncio.Event, received: list[Even
             assert exc.code == "rate_limited"  # the store is down: retry later
             await asyncio.sleep(0.5)
             continue
+        accepted.append(time.monotonic())
         received.extend(await run.wait(60))
         runs += 1
     return runs
@@ -53,30 +62,51 @@ async def test_postgres_outage_under_load_loses_nothing(pg_url: str, tmp_path: P
             live.rt.writer.fallback_after_s = 0.5
             clients = [await live.client(f"u{i}") for i in range(10)]
             received: list[Event] = []
+            accepted: list[float] = []
             stop = asyncio.Event()
-            load = [asyncio.create_task(_load(c, stop, received)) for c in clients]
-            # A long run in flight across the outage: its events keep arriving.
+            load = [asyncio.create_task(_load(c, stop, received, accepted)) for c in clients]
+            # A long run in flight across the outage: its events keep arriving. It thinks
+            # once a second until it is cancelled once the store is back.
             watcher = await live.client("watcher")
-            long_run = await watcher.chat(f"wait {int(OUTAGE_S) + 4}")
-            await asyncio.sleep(3)
+            long_run = await watcher.chat("wait 60")
 
             def seen() -> int:
                 return sum(len(r.events) for c in [*clients, watcher] for r in c.runs.values())
 
+            def failed_writes() -> float:
+                return live.metric("runwatch_audit_write_errors_total")
+
+            # The load is under way: every client had a run accepted, the long run thinks.
+            await wait_until(lambda: len(accepted) >= len(clients) and len(long_run.events) >= 3)
             before = seen()
             proxy.down()
             outage_started = time.monotonic()
             await wait_until(lambda: live.metric("runwatch_audit_store_up") == 0, 20)
             await wait_until(lambda: live.metric("runwatch_audit_journal_depth") > 0, 20)
             during_start = seen()
-            await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - outage_started)))
+            long_run_at = len(long_run.events)
+            writes_failed_at = failed_writes()
+
+            def outage_shown() -> bool:
+                """The live run got more events through the journal, the writer probed the
+                store again and again and found it down, and OUTAGE_S has passed."""
+                return (
+                    len(long_run.events) >= long_run_at + 3
+                    and failed_writes() >= writes_failed_at + FAILED_WRITES
+                    and time.monotonic() - outage_started >= OUTAGE_S
+                )
+
+            await wait_until(outage_shown, OUTAGE_S + 60)
             delivered_during = seen() - during_start
             journal_peak = live.metric("runwatch_audit_journal_depth")
             proxy.up()
             await wait_until(lambda: not live.rt.writer.degraded, 60)
-            await asyncio.sleep(2)
+            # Chats are taken again, from every client, with the journal drained.
+            back = time.monotonic()
+            await wait_until(lambda: sum(t > back for t in accepted) >= len(clients), 30)
             stop.set()
             runs = sum(await asyncio.gather(*load)) + 1
+            await watcher.cancel(long_run.run_id)
             received.extend(await long_run.wait(60))
             await live.rt.writer.flush(30)
             assert live.metric("runwatch_audit_store_up") == 1
@@ -85,6 +115,7 @@ async def test_postgres_outage_under_load_loses_nothing(pg_url: str, tmp_path: P
             journal = live.rt.writer.journal
             assert journal is not None and len(journal) == 0
             assert journal.path.stat().st_size == 0
+            outage_s = back - outage_started
     finally:
         await proxy.stop()
 
@@ -104,7 +135,7 @@ async def test_postgres_outage_under_load_loses_nothing(pg_url: str, tmp_path: P
     finally:
         await store.close()
     print(
-        f"\noutage {OUTAGE_S:.0f}s: {runs} runs, {len(received)} events received "
+        f"\noutage {outage_s:.1f}s: {runs} runs, {len(received)} events received "
         f"({before} before, {delivered_during} during the outage), journal peak "
         f"{journal_peak:.0f}, lost {lost}"
     )
