@@ -41,6 +41,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InvalidState
 from .events import Event
 from .protocol import (
     MAX_FRAME_BYTES,
@@ -87,19 +88,6 @@ class State(enum.Enum):
     CONNECTING = "connecting"
     OPEN = "open"
     CLOSED = "closed"
-
-
-class InvalidState(Exception):
-    """An input the connection cannot take in its current state."""
-
-    def __init__(self, action: str, expected: State, got: State) -> None:
-        super().__init__(action, expected, got)
-        self.action = action
-        self.expected = expected
-        self.got = got
-
-    def __str__(self) -> str:
-        return f"{self.action}: expected {self.expected.value}, got {self.got.value}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,14 @@ Exceptions::
      +-- LLMError                   the model endpoint failed or answered something unusable
      |    |                         (reason, status)
      |    +-- LLMConfigError        a RUNWATCH_LLM_* variable is missing or wrong (name, reason)
+     +-- ProtocolError              a client connection driven against its rules
+     |    +-- InvalidFrame          a client frame's field is missing or of the wrong type
+     |    |                         (message); never leaves ``runtime.protocol``, where it
+     |    |                         becomes an ``invalid_message`` answer
+     |    +-- InvalidState          an input the connection cannot take in its state (action,
+     |                              expected, got): a bug in the I/O that feeds it
+     +-- SequenceGap                AG-UI: an event arrived out of ``seq`` order (run_id,
+     |                              expected, got); the stream ends rather than guess
      +-- ServerError                SDK: the server answered with an ``error`` frame (code,
      |                              message, ref)
      +-- ConnectionClosed           SDK: the connection closed for good, no reconnect (code,
@@ -48,7 +56,7 @@ the name, so ``except RunwatchError`` in client code still catches error frames 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .store.audit import Lease
@@ -58,6 +66,8 @@ __all__ = [
     "CalculatorError",
     "ConfigError",
     "ConnectionClosed",
+    "InvalidFrame",
+    "InvalidState",
     "JournalError",
     "JournalFull",
     "LLMConfigError",
@@ -65,7 +75,9 @@ __all__ = [
     "LeaseError",
     "LeaseHeld",
     "LifecycleError",
+    "ProtocolError",
     "RunwatchError",
+    "SequenceGap",
     "ServerError",
     "StoreError",
     "StoreRejected",
@@ -275,7 +287,39 @@ class LLMConfigError(LLMError):
         return f"{self.name} {self.reason}"
 
 
-# ---- the client SDK ---------------------------------------------------------------------------
+# ---- connections ----------------------------------------------------------------------------
+
+
+class ProtocolError(RunwatchError):
+    """A client connection was driven against its rules (SPEC section 3)."""
+
+
+class InvalidFrame(ProtocolError):
+    """A client frame's field is missing or of the wrong type; ``runtime.protocol`` turns it
+    into an ``invalid_message`` answer, so it never reaches a caller."""
+
+
+class InvalidState(ProtocolError):
+    """An input a :class:`~runtime.connection.ConnectionProtocol` cannot take in its state."""
+
+    def __init__(self, action: str, expected: Any, got: Any) -> None:
+        super().__init__(f"{action}: expected {expected.value}, got {got.value}")
+        self.action = action
+        self.expected = expected
+        self.got = got
+
+
+class SequenceGap(RunwatchError):
+    """An event arrived out of ``seq`` order: an AG-UI stream cannot be translated faithfully."""
+
+    def __init__(self, run_id: str, expected: int, got: int) -> None:
+        super().__init__(f"run {run_id}: expected seq {expected}, got {got}")
+        self.run_id = run_id
+        self.expected = expected
+        self.got = got
+
+
+# ---- the client SDK -------------------------------------------------------------------------
 
 
 class ServerError(RunwatchError):

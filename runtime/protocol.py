@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from enum import IntEnum, StrEnum
 from typing import Any, ClassVar
 
+from .errors import InvalidFrame
 from .events import dumps as _dumps
 
 __all__ = [
@@ -220,33 +221,29 @@ def poisoned_field(obj: Any) -> str | None:
 def _str_field(obj: dict[str, Any], key: str, *, required: bool, max_len: int | None) -> str | None:
     if key not in obj or obj[key] is None:
         if required:
-            raise _Invalid(f"'{key}' is required")
+            raise InvalidFrame(f"'{key}' is required")
         return None
     value = obj[key]
     if not isinstance(value, str):
-        raise _Invalid(f"'{key}' must be a string, got {type(value).__name__}")
+        raise InvalidFrame(f"'{key}' must be a string, got {type(value).__name__}")
     if required and not value:
-        raise _Invalid(f"'{key}' must not be empty")
+        raise InvalidFrame(f"'{key}' must not be empty")
     if max_len is not None and len(value) > max_len:
-        raise _Invalid(f"'{key}' is longer than {max_len} characters")
+        raise InvalidFrame(f"'{key}' is longer than {max_len} characters")
     return value
 
 
 def _int_field(obj: dict[str, Any], key: str, *, minimum: int) -> int:
     if key not in obj:
-        raise _Invalid(f"'{key}' is required")
+        raise InvalidFrame(f"'{key}' is required")
     value = obj[key]
     if not isinstance(value, int) or isinstance(value, bool):
-        raise _Invalid(f"'{key}' must be an integer, got {type(value).__name__}")
+        raise InvalidFrame(f"'{key}' must be an integer, got {type(value).__name__}")
     if value < minimum:
-        raise _Invalid(f"'{key}' must be >= {minimum}")
+        raise InvalidFrame(f"'{key}' must be >= {minimum}")
     if value > 2**53:
-        raise _Invalid(f"'{key}' is out of range")
+        raise InvalidFrame(f"'{key}' is out of range")
     return value
-
-
-class _Invalid(Exception):
-    pass
 
 
 #: Longest chat text accepted (characters); the frame limit bounds it anyway.
@@ -304,7 +301,7 @@ def parse_client_frame(text: str | bytes) -> ClientFrame | FrameError:
             return Cancel(run_id=run_id)
         if kind == "ping":
             return Ping()
-    except _Invalid as exc:
+    except InvalidFrame as exc:
         return FrameError(ProtocolErrorCode.INVALID_MESSAGE, f"{kind}: {exc}", ref)
     shown = kind if len(kind) <= 40 else kind[:40] + "…"
     return FrameError(ProtocolErrorCode.UNKNOWN_TYPE, f"unknown frame type {shown!r}", ref)

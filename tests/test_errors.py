@@ -51,15 +51,6 @@ from runtime.store.audit import AuditStore, Lease
 from .conftest import LiveServer, make_settings, serve_runtime, sqlite_url, wait_until
 from .invariants import assert_valid
 
-# Exceptions in modules other engineers are changing right now, to be re-based onto the root by
-# their owners (issue 15): each is checked to be still outside the tree, so the entry is removed
-# here the day it moves in. Nothing else may stay outside.
-NOT_YET_ROOTED = {
-    "runtime.agui.mapping.SequenceGap",
-    "runtime.connection.InvalidState",
-    "runtime.protocol._Invalid",
-}
-
 # Alembic scripts: run by alembic with its own context, never imported as modules.
 _NOT_IMPORTABLE = "runtime.store.migrations"
 
@@ -87,16 +78,8 @@ def _runtime_exceptions() -> dict[str, type[BaseException]]:
 def test_every_runtime_exception_descends_from_the_root() -> None:
     found = _runtime_exceptions()
     assert "runtime.errors.StoreError" in found and "runtime.errors.LeaseHeld" in found
-    outside = sorted(
-        name
-        for name, cls in found.items()
-        if not issubclass(cls, RunwatchError) and name not in NOT_YET_ROOTED
-    )
+    outside = sorted(name for name, cls in found.items() if not issubclass(cls, RunwatchError))
     assert not outside, f"exceptions outside the tree rooted at RunwatchError: {outside}"
-    moved_in = sorted(
-        n for n in NOT_YET_ROOTED if n in found and issubclass(found[n], RunwatchError)
-    )
-    assert not moved_in, f"rooted now: remove from NOT_YET_ROOTED: {moved_in}"
 
 
 def _drawn_tree() -> dict[str, str | None]:

@@ -54,6 +54,7 @@ from ag_ui.core import (
 )
 from ag_ui.encoder import EventEncoder
 
+from ..errors import SequenceGap
 from ..events import Event, EventType
 
 __all__ = ["RUNWATCH_KEY", "RunTranslator", "SequenceGap", "frame_id", "sse_frames"]
@@ -64,19 +65,6 @@ log = logging.getLogger("runwatch.agui")
 RUNWATCH_KEY = "runwatch"
 
 _ENCODER = EventEncoder()
-
-
-class SequenceGap(Exception):
-    """An event arrived out of ``seq`` order: the stream cannot be translated faithfully."""
-
-    def __init__(self, run_id: str, expected: int, got: int) -> None:
-        super().__init__(run_id, expected, got)
-        self.run_id = run_id
-        self.expected = expected
-        self.got = got
-
-    def __str__(self) -> str:
-        return f"run {self.run_id}: expected seq {self.expected}, got {self.got}"
 
 
 def frame_id(run_id: str, seq: int) -> str:
