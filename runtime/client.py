@@ -51,6 +51,7 @@ from websockets.exceptions import ConnectionClosed as _WsClosed
 from .errors import ConnectionClosed, RunwatchError, ServerError
 from .events import Event
 from .protocol import Ack, Cancel, Chat, ClientFrame, CloseCode, Connect, Ping, Resume
+from .tasks import stop_task
 
 __all__ = ["ConnectionClosed", "Run", "RunwatchClient", "RunwatchError", "ServerError"]
 
@@ -248,10 +249,7 @@ class RunwatchClient:
         self._closing = True
         if self._ws is not None:
             await self._ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        await stop_task(self._reader, log)
 
     async def drop(self) -> None:
         """Abort the socket as if the network failed (the client reconnects by itself)."""

@@ -282,8 +282,11 @@ class Runtime:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.writer.close(timeout=1.0 if flushed else 0)
         # Every local run has ended: nothing is left for a survivor to take over.
-        with contextlib.suppress(Exception):
+        try:
             await self.lease.release()
+        except Exception as exc:
+            # The lease then expires on its own: survivors wait one lease lifetime longer.
+            log.warning("could not release the instance lease: %s", exc)
         await self.store.close()
 
 

@@ -36,6 +36,7 @@ from ..runs import RunService
 from ..sender import Connection
 from ..store.audit import ConnectionClose
 from ..store.writer import DeliveryLog
+from ..tasks import stop_task
 from .mapping import RunTranslator, SequenceGap, frame_id, sse_frames
 
 __all__ = ["SSE_CLIENT", "AguiStream", "EventStreamResponse", "Mode", "SseTransport"]
@@ -230,10 +231,7 @@ class AguiStream:
         self._finished = True
         self.transport.interrupt()
         if self._resume is not None and not self._resume.done():
-            self._resume.cancel()
-            # Waits without raising the task's outcome (``_resume_done`` reports it), while a
-            # cancellation of this task still propagates.
-            await asyncio.wait([self._resume])
+            await stop_task(self._resume, log)
         conn = self.conn
         if conn.closed and conn.close_code is not None:
             code = conn.close_code
@@ -292,8 +290,5 @@ class EventStreamResponse(Response):
             if not gone.is_set():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            watcher.cancel()
-            await asyncio.wait([watcher])
-            if not watcher.cancelled() and watcher.exception() is not None:
-                log.warning("AG-UI stream of %s: %r", self.stream.run_id, watcher.exception())
+            await stop_task(watcher, log)
             await self.stream.finish(client_gone=gone.is_set())

@@ -47,6 +47,7 @@ from typing import Any
 from ..events import Event, EventType, Receipt, now_us
 from ..metrics import RuntimeMetrics
 from ..pipeline import CommittedSink, Emitted
+from ..tasks import stop_task
 from .audit import (
     AckUpdate,
     AuditStore,
@@ -316,10 +317,7 @@ class AuditWriter:
                 self.urgent_pending,
             )
         for task in (self._task, self._probe):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_task(task, log)
         self._task = None
         self._probe = None
 
