@@ -12,30 +12,20 @@ import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runtime.config import Settings
 from runtime.events import now_us
-from runtime.store.audit import AuditStore
+from runtime.store.monitoring import MonitorReader, MonitorStore, RunFilter
 
-from .check import rule_config
-from .queries import (
-    SINCE_HELP,
-    SINCE_PATTERN,
-    FilterError,
-    RunFilter,
-    agent_health,
-    list_runs,
-    list_violations,
-    parse_since,
-    run_detail,
-    slo_figures,
-)
+from . import views
+from .errors import FilterError
+from .filters import SINCE_HELP, SINCE_PATTERN, parse_since
+from .rules import JUDGED_STATES, Rule, Verdict, rule_config
 
 __all__ = ["COOKIE", "MonitorAuth", "build_api", "log_state"]
 
@@ -43,18 +33,15 @@ log = logging.getLogger("runwatch.monitor")
 
 COOKIE = "runwatch_monitor"
 
-RuleName = Literal[
-    "started",
-    "sequence",
-    "terminal",
-    "thinking",
-    "final_report",
-    "tool_pairing",
-    "persisted",
-    "isolation",
-    "stuck",
-    "delivery_slo",
-]
+# The schema lists the values of the enums (inline, as Literal types do); mypy sees strings.
+if TYPE_CHECKING:
+    RuleName: TypeAlias = str
+    VerdictName: TypeAlias = str
+    StateName: TypeAlias = str
+else:
+    RuleName = Literal[tuple(r.value for r in Rule)]
+    VerdictName = Literal[tuple(v.value for v in Verdict)]
+    StateName = Literal[JUDGED_STATES]
 
 
 class MonitorAuth:
@@ -103,13 +90,13 @@ class MonitorAuth:
             raise HTTPException(401, "admin token required", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def _connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    store: AuditStore = request.app.state.monitor_store
-    async with store.engine.connect() as c:
-        yield c
+async def _reader(request: Request) -> AsyncIterator[MonitorReader]:
+    store: MonitorStore = request.app.state.monitor_store
+    async with store.reading() as reader:
+        yield reader
 
 
-Conn = Annotated[AsyncConnection, Depends(_connection)]
+Reader = Annotated[MonitorReader, Depends(_reader)]
 
 
 class Problem(BaseModel):
@@ -196,12 +183,12 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
 
     @router.get("/runs", response_model=Page, summary="Judged runs, failures first")
     async def runs(
-        c: Conn,
-        verdict: Literal["pass", "fail"] | None = None,
+        c: Reader,
+        verdict: VerdictName | None = None,
         agent: Annotated[str | None, Query(max_length=200)] = None,
         user: Annotated[str | None, Query(max_length=200)] = None,
         rule: RuleName | None = None,
-        state: Literal["ended", "stuck"] | None = None,
+        state: StateName | None = None,
         thread: Annotated[str | None, Query(max_length=64, description="one thread id")] = None,
         since: Since = None,
         until: Since = None,
@@ -221,7 +208,7 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
             until_us=_time(until, now, "until"),
             thread=thread,
         )
-        items, nxt = await list_runs(c, f, limit=limit, cursor=cursor)
+        items, nxt = views.runs_page(await c.list_runs(f, limit=limit, cursor=cursor))
         return Page(items=items, next_cursor=nxt)
 
     @router.get(
@@ -230,42 +217,36 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
         summary="One run: events, receipts, violations",
         responses={404: {"model": Problem, "description": "no such run"}},
     )
-    async def run(c: Conn, run_id: str) -> RunDetail:
-        detail = await run_detail(c, run_id) if len(run_id) <= 64 else None
+    async def run(c: Reader, run_id: str) -> RunDetail:
+        detail = await c.run_detail(run_id) if len(run_id) <= 64 else None
         if detail is None:
             raise HTTPException(404, "no such run")
-        return RunDetail(**detail)
+        return RunDetail(**views.run_detail(detail))
 
     @router.get("/violations", response_model=Page, summary="Violations, newest first")
     async def violations(
-        c: Conn,
+        c: Reader,
         rule: RuleName | None = None,
         since: Since = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(max_length=20, pattern=r"^\d{1,18}$")] = None,
     ) -> Page:
-        items, nxt = await list_violations(
-            c,
+        found, nxt = await c.list_violations(
             rule=rule,
             since_us=_time(since, now_us(), "since"),
             limit=limit,
             before_id=int(cursor) if cursor else None,
         )
+        items = views.violation_items(found)
         return Page(items=items, next_cursor=str(nxt) if nxt is not None else None)
 
     @router.get("/slo", response_model=Slo, summary="SLO figures over the last hour and day")
-    async def slo(c: Conn) -> Slo:
+    async def slo(c: Reader) -> Slo:
         now = now_us()
         windows = {}
         for name, seconds in (("hour", 3600.0), ("day", 86400.0)):
-            figures = await slo_figures(
-                c,
-                now_us=now,
-                window_s=seconds,
-                delivery_slo_s=rules.delivery_slo_s,
-                ack_wait_s=rules.ack_wait_s,
-            )
-            health = await agent_health(c, now_us=now, window_s=seconds)
+            figures = await views.slo_window(c, rules, now_us=now, window_s=seconds)
+            health = await views.agents_window(c, now_us=now, window_s=seconds)
             windows[name] = SloWindow(**figures, agents=[AgentHealth(**a) for a in health])
         return Slo(**windows)
 

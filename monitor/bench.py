@@ -48,8 +48,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from runtime.auth import TokenAuthority
 from runtime.events import Event, Receipt, new_id, now_us
 from runtime.lifecycle import RunLifecycle
-from runtime.store.migrate import upgrade
 from runtime.store.audit import AuditStore, Batch, RunInfo
+from runtime.store.migrate import upgrade
 
 from .checker import Checker, CheckerConfig
 from .metrics import MonitorMetrics

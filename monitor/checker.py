@@ -38,24 +38,27 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from sqlalchemy import bindparam, delete, exists, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from runtime.events import Event, EventType, Receipt, now_us
-from runtime.store.errors import translate
-from runtime.store.models import DeliveryRow, EventRow, RunRow
-from runtime.store.audit import AuditStore, StoreError
+from runtime.events import now_us
+from runtime.store.audit import AuditStore
+from runtime.store.errors import StoreError
+from runtime.store.monitoring import (
+    MonitorReader,
+    MonitorStore,
+    PassWrite,
+    RunClock,
+    StoredRun,
+    Tracking,
+    VerdictRecord,
+    ViolationRecord,
+)
 
 from .metrics import MonitorMetrics
-from .models import MonitorPosition, PendingRun, VerdictRow, ViolationRow
-from .rules import RuleConfig, RunFacts, RunState, Violation, check_run, run_state
+from .rules import RuleConfig, RunFacts, RunState, Verdict, Violation, check_run, run_state
 
-__all__ = ["Checker", "CheckerConfig", "Pacer", "PassResult", "load_facts", "load_many"]
+__all__ = ["Checker", "CheckerConfig", "Pacer", "PassResult", "run_facts"]
 
 log = logging.getLogger("runwatch.monitor")
 
@@ -107,106 +110,19 @@ class PassResult:
     more: bool = False
 
 
-# ---- loading a run's facts ------------------------------------------------------------------
-
-_TYPES = {t.value: t for t in EventType}
-
-_RUN_COLUMNS = (
-    RunRow.run_id,
-    RunRow.user_id,
-    RunRow.agent,
-    RunRow.thread_id,
-    RunRow.outcome,
-    RunRow.created_us,
-    RunRow.ended_us,
-    RunRow.timeout_s,
-)
-
-#: In the field order of :class:`Receipt`.
-_RECEIPT_COLUMNS = (
-    DeliveryRow.event_id,
-    DeliveryRow.run_id,
-    DeliveryRow.seq,
-    DeliveryRow.connection_id,
-    DeliveryRow.user_id,
-    DeliveryRow.sent_us,
-    DeliveryRow.acked_us,
-    DeliveryRow.replayed,
-)
-
-
-async def load_facts(conn: AsyncConnection, run_id: str) -> tuple[Any, RunFacts] | None:
-    """A run's row and its :class:`RunFacts` as the store holds them."""
-    return (await load_many(conn, [run_id])).get(run_id)
-
-
-async def load_many(
-    conn: AsyncConnection,
-    run_ids: Sequence[str],
-    chunk: int = 200,
-    pacer: Pacer | None = None,
-) -> dict[str, tuple[Any, RunFacts]]:
-    """:func:`load_facts` for many runs: three queries per ``chunk`` runs, not three per run.
-
-    Rows are turned into events and receipts here, in this thread: with a ``pacer``, the
-    event loop gets a turn every ``pacer.slice_s`` of that work."""
-    pacer = pacer or Pacer(float("inf"))
-    out: dict[str, tuple[Any, RunFacts]] = {}
-    for ids in _chunks(run_ids, chunk):
-        runs = {
-            r.run_id: r
-            for r in await conn.execute(select(*_RUN_COLUMNS).where(RunRow.run_id.in_(ids)))
-        }
-        events: dict[str, list[Any]] = {}
-        result = await conn.execute(
-            select(
-                EventRow.run_id,
-                EventRow.type,
-                EventRow.event_id,
-                EventRow.thread_id,
-                EventRow.seq,
-                EventRow.ts_us,
-                EventRow.agent,
-                EventRow.data,
-                EventRow.committed_us,
-                EventRow.live,
-            )
-            .where(EventRow.run_id.in_(ids))
-            .order_by(EventRow.position)
-        )
-        for row in result:  # each row's JSON is decoded here
-            events.setdefault(row[0], []).append(row)
-            if pacer.due():
-                await pacer.pause()
-        receipts: dict[str, list[Receipt]] = {}
-        result = await conn.execute(
-            select(*_RECEIPT_COLUMNS).where(DeliveryRow.run_id.in_(ids)).order_by(DeliveryRow.id)
-        )
-        for d in result:
-            receipts.setdefault(d[1], []).append(Receipt(*d))
-            if pacer.due():
-                await pacer.pause()
-        for run_id, run in runs.items():
-            rows = events.get(run_id, ())
-            out[run_id] = (
-                run,
-                RunFacts(
-                    run_id=run_id,
-                    user_id=run.user_id,
-                    events=tuple(
-                        Event(_TYPES[t], eid, rid, th, seq, ts, ag, data)
-                        for rid, t, eid, th, seq, ts, ag, data, _c, _l in rows
-                    ),
-                    committed_us={r[2]: r[8] for r in rows},
-                    live=frozenset(r[2] for r in rows if r[9]),
-                    receipts=tuple(receipts.get(run_id, ())),
-                    started_us=run.created_us,
-                    timeout_s=run.timeout_s,
-                ),
-            )
-            if pacer.due():
-                await pacer.pause()
-    return out
+def run_facts(stored: StoredRun) -> RunFacts:
+    """What the rule engine judges of a run, from what the store holds of it."""
+    run = stored.run
+    return RunFacts(
+        run_id=run.run_id,
+        user_id=run.user_id,
+        events=stored.events,
+        committed_us=stored.committed_us,
+        live=stored.live,
+        receipts=stored.receipts,
+        started_us=run.created_us,
+        timeout_s=run.timeout_s,
+    )
 
 
 class Pacer:
@@ -235,22 +151,21 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
 
 @dataclass(frozen=True, slots=True)
 class _Candidate:
-    """A run the checker is not finished with: pending already, or first seen this pass."""
+    """A run the checker is not finished with: pending already, or first seen this pass.
+    ``clock`` is None while the store has events of the run but no run row."""
 
     run_id: str
     fresh: bool
     judged: bool
-    ended_us: int | None
-    created_us: int | None
-    timeout_s: float | None
+    clock: RunClock | None
 
 
 @dataclass
 class _Snapshot:
     """What the read phase found; nothing of it is written yet."""
 
-    #: The position row as read, ``(position, updated_us)``; None before the first pass.
-    token: tuple[int, int] | None
+    #: The position row as read; None before the first pass.
+    read: Tracking | None
     position: int
     candidates: list[_Candidate]
     due: list[_Candidate]
@@ -261,17 +176,13 @@ class _Snapshot:
 class _Outcome:
     """What the judge phase decided: the rows of the write phase and the metrics after it."""
 
-    new_pending: list[dict[str, Any]] = field(default_factory=list)
-    mark_judged: list[dict[str, Any]] = field(default_factory=list)
-    drop: list[dict[str, Any]] = field(default_factory=list)
-    verdicts: list[dict[str, Any]] = field(default_factory=list)
-    violations: list[dict[str, Any]] = field(default_factory=list)
+    new_pending: list[tuple[str, bool]] = field(default_factory=list)
+    mark_judged: list[str] = field(default_factory=list)
+    drop: list[str] = field(default_factory=list)
+    verdicts: list[VerdictRecord] = field(default_factory=list)
+    violations: list[ViolationRecord] = field(default_factory=list)
     #: The violations of each run judged, for the metrics.
     judged: list[list[Violation]] = field(default_factory=list)
-
-
-class _Superseded(Exception):
-    """Another checker of the same consumer committed a pass since this one read."""
 
 
 # ---- the checker ---------------------------------------------------------------------------
@@ -288,7 +199,7 @@ class Checker:
         *,
         clock_us: Callable[[], int] | None = None,
     ) -> None:
-        self.store = store
+        self.store = MonitorStore(store)
         self.metrics = metrics
         config = config or CheckerConfig()
         # An unacked live event is only "never acked" past ack_wait_s: judge no earlier.
@@ -306,17 +217,16 @@ class Checker:
         """One pass: read, judge, then write in one short transaction."""
         now = self.clock_us()
         result = PassResult()
-        async with self._reading() as conn:
-            snapshot = await self._read(conn, now, result)
-            outcome = await self._judge(conn, snapshot, now, result)
-        try:
-            await self._write(snapshot, outcome, now)
-        except _Superseded:
+        async with self.store.reading() as reader:
+            snapshot = await self._read(reader, now, result)
+            outcome = await self._judge(reader, snapshot, now, result)
+        if not await self._write(snapshot, outcome, now):
             log.info(
                 "checker %s: another checker committed first; pass again", self.config.consumer
             )
             return PassResult(more=True)
         for violations in outcome.judged:  # counted once committed
+            # Literal values: tests/test_metrics_zero.py checks them against the closed set.
             self.metrics.runs_checked.labels(verdict="fail" if violations else "pass").inc()
             for v in violations:
                 self.metrics.violations.labels(rule=v.rule.value).inc()
@@ -328,121 +238,47 @@ class Checker:
 
     # ---- phase 1: read ------------------------------------------------------------------
 
-    async def _read(self, conn: AsyncConnection, now: int, result: PassResult) -> _Snapshot:
+    async def _read(self, reader: MonitorReader, now: int, result: PassResult) -> _Snapshot:
         cfg = self.config
-        saved = (
-            await conn.execute(
-                select(MonitorPosition.position, MonitorPosition.updated_us).where(
-                    MonitorPosition.consumer == cfg.consumer
-                )
-            )
-        ).first()
-        token = (saved.position, saved.updated_us) if saved is not None else None
-        position = token[0] if token else 0
-        rows = (
-            await conn.execute(
-                select(EventRow.position, EventRow.run_id)
-                .where(EventRow.position > position)
-                .order_by(EventRow.position)
-                .limit(cfg.batch)
-            )
-        ).all()
-        result.read = len(rows)
-        new_position = rows[-1].position if rows else position
-        pending = (
-            await conn.execute(
-                select(
-                    PendingRun.run_id,
-                    PendingRun.judged,
-                    RunRow.ended_us,
-                    RunRow.created_us,
-                    RunRow.timeout_s,
-                ).join(RunRow, RunRow.run_id == PendingRun.run_id, isouter=True)
-            )
-        ).all()
+        saved = await reader.tracking(cfg.consumer)
+        position = saved.position if saved is not None else 0
+        # One event more than a pass takes: the oldest unread, whose age is the lag.
+        read = await reader.events_after(position, cfg.batch + 1)
+        unread = read[cfg.batch] if len(read) > cfg.batch else None
+        read = read[: cfg.batch]
+        result.read = len(read)
+        result.more = unread is not None
+        new_position = read[-1].position if read else position
+        pending = await reader.pending_runs()
         known = {p.run_id for p in pending}
-        seen = {r.run_id for r in rows} - known
-        judged: set[str] = set()
-        for ids in _chunks(sorted(seen), 500):
-            judged.update(
-                (
-                    await conn.execute(select(VerdictRow.run_id).where(VerdictRow.run_id.in_(ids)))
-                ).scalars()
-            )
-        fresh = seen - judged
+        seen = {e.run_id for e in read} - known
+        fresh = seen - await reader.judged(sorted(seen))
         if self._overlap and position > 0:
-            fresh.update(await self._late_runs(conn, position))
-        fresh_runs: dict[str, Any] = {}
-        for ids in _chunks(sorted(fresh), 500):
-            for r in await conn.execute(
-                select(RunRow.run_id, RunRow.ended_us, RunRow.created_us, RunRow.timeout_s).where(
-                    RunRow.run_id.in_(ids)
-                )
-            ):
-                fresh_runs[r.run_id] = r
-        candidates = [
-            _Candidate(p.run_id, False, bool(p.judged), p.ended_us, p.created_us, p.timeout_s)
-            for p in pending
-        ]
-        for run_id in sorted(fresh):
-            f = fresh_runs.get(run_id)
-            candidates.append(
-                _Candidate(
-                    run_id,
-                    True,
-                    False,
-                    f.ended_us if f is not None else None,
-                    f.created_us if f is not None else None,
-                    f.timeout_s if f is not None else None,
-                )
-            )
+            fresh.update(await reader.unfollowed_runs(max(0, position - self._overlap), position))
+        clocks = await reader.run_clocks(sorted(fresh))
+        candidates = [_Candidate(p.run_id, False, p.judged, p.clock) for p in pending]
+        candidates += [_Candidate(r, True, False, clocks.get(r)) for r in sorted(fresh)]
         due = [c for c in candidates if self._is_due(c, now)]
         if len(due) > cfg.max_judge:
             due = due[: cfg.max_judge]
             result.more = True
-        oldest_unread = (
-            await conn.execute(
-                select(EventRow.committed_us)
-                .where(EventRow.position > new_position)
-                .order_by(EventRow.position)
-                .limit(1)
-            )
-        ).scalar()
-        if len(rows) >= cfg.batch:
-            result.more = True
-        lag = 0.0 if oldest_unread is None else max(0.0, (now - oldest_unread) / 1e6)
-        return _Snapshot(token, new_position, candidates, due, lag)
-
-    async def _late_runs(self, conn: AsyncConnection, position: int) -> set[str]:
-        """Runs in the overlap window before ``position`` that are neither judged nor pending:
-        events that committed after a higher position was read (PostgreSQL)."""
-        lo = max(0, position - self._overlap)
-        query = (
-            select(EventRow.run_id)
-            .distinct()
-            .where(
-                EventRow.position > lo,
-                EventRow.position <= position,
-                ~exists().where(VerdictRow.run_id == EventRow.run_id),
-                ~exists().where(PendingRun.run_id == EventRow.run_id),
-            )
-        )
-        return set((await conn.execute(query)).scalars())
+        lag = 0.0 if unread is None else max(0.0, (now - unread.committed_us) / 1e6)
+        return _Snapshot(saved, new_position, candidates, due, lag)
 
     def _is_due(self, c: _Candidate, now: int) -> bool:
         """Whether a run is to be judged now (ended and settled, or stuck and not judged)."""
-        if c.created_us is None:
+        if c.clock is None:
             return False  # events of a run the store does not know: judged when it appears
-        if c.ended_us is not None:
-            return not c.judged and now - c.ended_us >= self.config.settle_s * 1_000_000
-        timeout_us = (c.timeout_s or 0.0) * 1_000_000
+        if c.clock.ended_us is not None:
+            return not c.judged and now - c.clock.ended_us >= self.config.settle_s * 1_000_000
+        timeout_us = c.clock.timeout_s * 1_000_000
         grace_us = self.config.rules.stuck_grace_s * 1_000_000
-        return not c.judged and now - c.created_us > timeout_us + grace_us
+        return not c.judged and now - c.clock.created_us > timeout_us + grace_us
 
     # ---- phase 2: judge -----------------------------------------------------------------
 
     async def _judge(
-        self, conn: AsyncConnection, snapshot: _Snapshot, now: int, result: PassResult
+        self, reader: MonitorReader, snapshot: _Snapshot, now: int, result: PassResult
     ) -> _Outcome:
         cfg = self.config
         out = _Outcome()
@@ -452,34 +288,34 @@ class Checker:
         # Chunk by chunk: a chunk's facts are garbage before the next one loads, so few
         # objects live long enough for the full (stop-the-world) garbage collections.
         for ids in _chunks([c.run_id for c in snapshot.due], cfg.load_chunk):
-            loaded = await load_many(conn, ids, cfg.load_chunk, pacer)
+            loaded = await reader.load_runs(ids, pacer)
             for run_id in ids:
-                if run_id not in loaded:
+                stored = loaded.get(run_id)
+                if stored is None:
                     continue  # the run row went away (retention): it stays pending
-                run, facts = loaded[run_id]
+                facts = run_facts(stored)
                 state = run_state(facts, cfg.rules, now)
                 if state == RunState.OPEN:
                     continue
                 violations = check_run(facts, cfg.rules, now)
-                self._record(out, run, facts, state, violations, now)
+                self._record(out, stored, state, violations, now)
                 (stuck_now if state == RunState.STUCK else finished).add(run_id)
                 if pacer.due():
                     await pacer.pause()  # let the runtime's sockets run
             del loaded
         for c in snapshot.candidates:
-            if c.run_id in finished or (c.ended_us is not None and c.judged):
+            ended = c.clock is not None and c.clock.ended_us is not None
+            if c.run_id in finished or (ended and c.judged):
                 if not c.fresh:
-                    out.drop.append({"b_run": c.run_id})
+                    out.drop.append(c.run_id)
                 continue
-            if c.created_us is not None:
+            if c.clock is not None:
                 result.pending += 1
             result.stuck += c.run_id in stuck_now or c.judged
             if c.fresh:
-                out.new_pending.append(
-                    {"run_id": c.run_id, "first_seen_us": now, "judged": c.run_id in stuck_now}
-                )
+                out.new_pending.append((c.run_id, c.run_id in stuck_now))
             elif c.run_id in stuck_now:
-                out.mark_judged.append({"b_run": c.run_id})
+                out.mark_judged.append(c.run_id)
         for violations in out.judged:
             result.judged += 1
             result.failed += bool(violations)
@@ -488,103 +324,50 @@ class Checker:
 
     @staticmethod
     def _record(
-        out: _Outcome,
-        run: Any,
-        facts: RunFacts,
-        state: RunState,
-        violations: list[Violation],
-        now: int,
+        out: _Outcome, stored: StoredRun, state: RunState, violations: list[Violation], now: int
     ) -> None:
+        run = stored.run
         out.verdicts.append(
-            {
-                "run_id": run.run_id,
-                "user_id": run.user_id,
-                "agent": run.agent,
-                "thread_id": run.thread_id,
-                "state": state.value,
-                "verdict": "fail" if violations else "pass",
-                "outcome": run.outcome,
-                "rules": ",".join(sorted({v.rule.value for v in violations})),
-                "violation_count": len(violations),
-                "event_count": len(facts.events),
-                "created_us": run.created_us,
-                "ended_us": run.ended_us,
-                "judged_us": now,
-            }
+            VerdictRecord(
+                run_id=run.run_id,
+                user_id=run.user_id,
+                agent=run.agent,
+                thread_id=run.thread_id,
+                state=state.value,
+                verdict=(Verdict.FAIL if violations else Verdict.PASS).value,
+                outcome=run.outcome,
+                rules=tuple(sorted({v.rule.value for v in violations})),
+                violation_count=len(violations),
+                event_count=len(stored.events),
+                created_us=run.created_us,
+                ended_us=run.ended_us,
+                judged_us=now,
+            )
         )
         out.violations += [
-            {
-                "run_id": v.run_id,
-                "rule": v.rule.value,
-                "message": v.message,
-                "seqs": list(v.seqs),
-                "event_ids": list(v.event_ids),
-                "judged_us": now,
-            }
+            ViolationRecord(v.run_id, v.rule.value, v.message, v.seqs, v.event_ids, now)
             for v in violations
         ]
         out.judged.append(violations)
 
     # ---- phase 3: write -----------------------------------------------------------------
 
-    async def _write(self, snapshot: _Snapshot, out: _Outcome, now: int) -> None:
-        """Verdicts, violations, pending set and position: one transaction, statements built
-        before it opens, one ``executemany`` each."""
-        consumer = self.config.consumer
-        async with self._writing() as conn:
-            # First statement: on SQLite it takes the write lock, on PostgreSQL the row lock
-            # that orders two checkers of one consumer.
-            if snapshot.token is None:
-                await conn.execute(
-                    insert(MonitorPosition).values(
-                        consumer=consumer, position=snapshot.position, updated_us=now
-                    )
-                )
-            else:
-                position, updated_us = snapshot.token
-                moved = await conn.execute(
-                    update(MonitorPosition)
-                    .where(
-                        MonitorPosition.consumer == consumer,
-                        MonitorPosition.position == position,
-                        MonitorPosition.updated_us == updated_us,
-                    )
-                    .values(position=snapshot.position, updated_us=max(now, updated_us + 1))
-                )
-                if moved.rowcount != 1:
-                    raise _Superseded
-            if out.new_pending:
-                await conn.execute(insert(PendingRun), out.new_pending)
-            if out.mark_judged:
-                await conn.execute(_MARK_JUDGED, out.mark_judged)
-            if out.drop:
-                await conn.execute(_DROP_PENDING, out.drop)
-            if out.verdicts:
-                await conn.execute(insert(VerdictRow), out.verdicts)
-            if out.violations:
-                await conn.execute(insert(ViolationRow), out.violations)
-
-    # ---- store access -------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _reading(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self.store.engine.connect() as conn:
-                yield conn
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise translate(exc) from exc
-
-    @contextlib.asynccontextmanager
-    async def _writing(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self.store.engine.begin() as conn:
-                yield conn
-        except IntegrityError as exc:
-            if "monitor_positions" in str(exc):
-                raise _Superseded from exc  # two first passes raced to insert the position
-            raise translate(exc) from exc
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise translate(exc) from exc
+    async def _write(self, snapshot: _Snapshot, out: _Outcome, now: int) -> bool:
+        """Verdicts, violations, pending set and position in one transaction; False when
+        another checker of the same consumer committed since this pass read."""
+        return await self.store.commit_pass(
+            PassWrite(
+                consumer=self.config.consumer,
+                read=snapshot.read,
+                position=snapshot.position,
+                now_us=now,
+                new_pending=out.new_pending,
+                mark_judged=out.mark_judged,
+                drop=out.drop,
+                verdicts=out.verdicts,
+                violations=out.violations,
+            )
+        )
 
     # ---- catching up and the loop -------------------------------------------------------
 
@@ -639,7 +422,3 @@ class Checker:
                     log.exception("checker pass failed (retrying every %gs)", interval_s)
                 failing = text
             await asyncio.sleep(interval_s)
-
-
-_MARK_JUDGED = update(PendingRun).where(PendingRun.run_id == bindparam("b_run")).values(judged=True)
-_DROP_PENDING = delete(PendingRun).where(PendingRun.run_id == bindparam("b_run"))

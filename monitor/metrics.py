@@ -13,14 +13,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
 from runtime import __version__
 
-from .rules import Rule
+from .rules import Rule, Verdict
 
 __all__ = ["RULES", "VERDICTS", "MonitorMetrics"]
 
 #: ``rule`` of ``runwatch_monitor_violations_total``: every rule of the engine.
 RULES: tuple[str, ...] = tuple(r.value for r in Rule)
 #: ``verdict`` of ``runwatch_monitor_runs_checked_total``.
-VERDICTS: tuple[str, ...] = ("pass", "fail")
+VERDICTS: tuple[str, ...] = tuple(v.value for v in Verdict)
 
 
 class MonitorMetrics:

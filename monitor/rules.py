@@ -29,25 +29,35 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.events import TERMINAL_TYPES, ErrorCode, Event, EventType, Receipt
+from runtime.metrics import DELIVERY_SLO_S
+
+if TYPE_CHECKING:
+    from runtime.config import Settings
 
 __all__ = [
+    "JUDGED_STATES",
     "Rule",
     "RuleConfig",
     "RunFacts",
     "RunState",
+    "Verdict",
     "Violation",
     "check_run",
+    "first_acks",
+    "rule_config",
     "run_state",
 ]
 
 
 class Rule(StrEnum):
+    """The rules, by the name every output uses (API, UI, metrics, ``runwatch check``)."""
+
     STARTED = "started"
     SEQUENCE = "sequence"
     TERMINAL = "terminal"
@@ -59,11 +69,41 @@ class Rule(StrEnum):
     STUCK = "stuck"
     DELIVERY_SLO = "delivery_slo"
 
+    @property
+    def meaning(self) -> str:
+        """What a violation of this rule means, in a line for an operator."""
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    Rule.STARTED: "a run did not begin with agent_started (I1)",
+    Rule.SEQUENCE: "gaps, duplicates or disorder in seq, or time going back (I1, I5)",
+    Rule.TERMINAL: "no single terminal event at the end (I2)",
+    Rule.THINKING: "a completed run never showed thinking (I3)",
+    Rule.FINAL_REPORT: "a completed run without exactly one answer (I3)",
+    Rule.TOOL_PAIRING: "a tool call that never completed, or a completion without a call (I4)",
+    Rule.PERSISTED: "an event delivered that the store does not hold, or before its commit (I6)",
+    Rule.ISOLATION: "an event delivered to another user (I7): critical",
+    Rule.STUCK: "a run that never ended (I8)",
+    Rule.DELIVERY_SLO: "an event acked late or never by a live owner connection",
+}
+
 
 class RunState(StrEnum):
     OPEN = "open"
     ENDED = "ended"
     STUCK = "stuck"
+
+
+#: The states of a judged run (an open run has no verdict).
+JUDGED_STATES: tuple[str, ...] = (RunState.ENDED.value, RunState.STUCK.value)
+
+
+class Verdict(StrEnum):
+    """A judged run passes every rule or fails at least one."""
+
+    PASS = "pass"
+    FAIL = "fail"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +154,19 @@ class RuleConfig:
     """Thresholds. ``ack_wait_s``: an unacked live event younger than this is still in flight,
     not a violation."""
 
-    delivery_slo_s: float = 1.0
+    delivery_slo_s: float = DELIVERY_SLO_S
     run_timeout_s: float = 300.0
     stuck_grace_s: float = 60.0
     ack_wait_s: float = 10.0
+
+
+def rule_config(settings: Settings) -> RuleConfig:
+    """The thresholds an operator set (``RUNWATCH_DELIVERY_SLO_S`` and the others)."""
+    return RuleConfig(
+        delivery_slo_s=settings.delivery_slo_s,
+        run_timeout_s=settings.run_timeout_s,
+        stuck_grace_s=settings.stuck_grace_s,
+    )
 
 
 def _terminal(facts: RunFacts) -> Event | None:
@@ -442,12 +491,19 @@ def _isolation(facts: RunFacts) -> list[Violation]:
     return out
 
 
+def first_acks(receipts: Iterable[Receipt], owner: str) -> dict[str, int]:
+    """When each event was first acked by a connection of the run's ``owner``, by event_id
+    (an ack by anyone else is no delivery to the owner: I7)."""
+    first: dict[str, int] = {}
+    for r in receipts:
+        if r.acked_us is not None and r.user_id == owner:
+            first[r.event_id] = min(first.get(r.event_id, r.acked_us), r.acked_us)
+    return first
+
+
 def _delivery(facts: RunFacts, config: RuleConfig, now_us: int, state: RunState) -> list[Violation]:
     out = []
-    first_ack: dict[str, int] = {}
-    for r in facts.receipts:
-        if r.user_id == facts.user_id and r.acked_us is not None:
-            first_ack[r.event_id] = min(first_ack.get(r.event_id, r.acked_us), r.acked_us)
+    first_ack = first_acks(facts.receipts, facts.user_id)
     slo_us = config.delivery_slo_s * 1_000_000
     late: list[tuple[Event, float]] = []
     missing: list[Event] = []

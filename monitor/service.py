@@ -16,11 +16,12 @@ from runtime import __version__
 from runtime.apidocs import build_docs_router
 from runtime.config import Settings
 from runtime.store.audit import AuditStore
+from runtime.store.monitoring import MonitorStore
 
 from .api import MonitorAuth, build_api
-from .check import rule_config
 from .checker import Checker, CheckerConfig
 from .metrics import MonitorMetrics
+from .rules import rule_config
 from .web import build_web
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 def _mount(app: FastAPI, store: AuditStore, settings: Settings) -> None:
     auth = MonitorAuth(settings)
-    app.state.monitor_store = store
+    app.state.monitor_store = MonitorStore(store)
     app.include_router(build_api(settings, auth))
     app.include_router(build_web(store, settings, auth))
     app.mount("/monitor/static", StaticFiles(directory=STATIC), name="monitor-static")

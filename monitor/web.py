@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -10,28 +11,19 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import func, select
 
 from runtime.config import Settings
 from runtime.events import now_us
+from runtime.metrics import PERSIST_SLO_S
 from runtime.store.audit import AuditStore
+from runtime.store.monitoring import MonitorStore, RunFilter
 from runtime.tracing import run_id_of, trace_id_of, trace_url
 
+from . import views
 from .api import COOKIE, MonitorAuth
-from .check import rule_config
-from .models import ViolationRow
-from .queries import (
-    SINCE_HELP,
-    FilterError,
-    RunFilter,
-    agent_health,
-    list_runs,
-    list_violations,
-    parse_since,
-    run_detail,
-    slo_figures,
-)
-from .rules import Rule
+from .errors import FilterError
+from .filters import SINCE_HELP, parse_since
+from .rules import JUDGED_STATES, Rule, Verdict, rule_config
 
 __all__ = ["build_web", "human_ms", "timeline_svg"]
 
@@ -39,18 +31,8 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
 
-RULE_MEANINGS = {
-    "started": "a run did not begin with agent_started (I1)",
-    "sequence": "gaps, duplicates or disorder in seq, or time going back (I1, I5)",
-    "terminal": "no single terminal event at the end (I2)",
-    "thinking": "a completed run never showed thinking (I3)",
-    "final_report": "a completed run without exactly one answer (I3)",
-    "tool_pairing": "a tool call that never completed, or a completion without a call (I4)",
-    "persisted": "an event delivered that the store does not hold, or before its commit (I6)",
-    "isolation": "an event delivered to another user (I7): critical",
-    "stuck": "a run that never ended (I8)",
-    "delivery_slo": "an event acked late or never by a live owner connection",
-}
+RULE_NAMES: tuple[str, ...] = tuple(r.value for r in Rule)
+VERDICT_NAMES: tuple[str, ...] = tuple(v.value for v in Verdict)
 
 #: An agent whose ended runs errored or were cut by a restart this often is shown red.
 AGENT_BAD_RATIO = 0.05
@@ -157,6 +139,8 @@ def _share(ratio: float | None) -> str:
 
 
 def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRouter:
+    """The UI router, reading ``store``."""
+    reads = MonitorStore(store)
     rules = rule_config(settings)
     templates = Jinja2Templates(directory=str(TEMPLATES))
     templates.env.filters["human_ms"] = human_ms
@@ -200,39 +184,22 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
         if (denied := gate(request)) is not None:
             return denied
         now = now_us()
-        async with store.engine.connect() as conn:
-            hour = await slo_figures(
-                conn,
-                now_us=now,
-                window_s=3600,
-                delivery_slo_s=rules.delivery_slo_s,
-                ack_wait_s=rules.ack_wait_s,
+        async with reads.reading() as reader:
+            hour = await views.slo_window(reader, rules, now_us=now, window_s=3600)
+            day = await views.slo_window(reader, rules, now_us=now, window_s=86400)
+            counts = await reader.violation_counts(since_us=now - 86400 * 1_000_000)
+            failing, _ = views.runs_page(
+                await reader.list_runs(RunFilter(verdict=Verdict.FAIL.value), limit=20, cursor=None)
             )
-            day = await slo_figures(
-                conn,
-                now_us=now,
-                window_s=86400,
-                delivery_slo_s=rules.delivery_slo_s,
-                ack_wait_s=rules.ack_wait_s,
-            )
-            since = now - 86400 * 1_000_000
-            counts = (
-                await conn.execute(
-                    select(ViolationRow.rule, func.count())
-                    .where(ViolationRow.judged_us >= since)
-                    .group_by(ViolationRow.rule)
-                )
-            ).all()
-            failing, _ = await list_runs(conn, RunFilter(verdict="fail"), limit=20, cursor=None)
             agents = {
-                q: await agent_health(conn, now_us=now, window_s=seconds)
+                q: await views.agents_window(reader, now_us=now, window_s=seconds)
                 for q, seconds in (("1h", 3600), ("1d", 86400))
             }
         tiles = []
         for key, label in (
-            ("delivery", "Delivered within 1 s"),
+            ("delivery", f"Delivered within {human_ms(rules.delivery_slo_s * 1000)}"),
             ("completeness", "Runs passing every rule"),
-            ("persistence", "Committed within 250 ms"),
+            ("persistence", f"Committed within {human_ms(PERSIST_SLO_S * 1000)}"),
         ):
             for window, fig, q in (("1 h", hour, "1h"), ("24 h", day, "1d")):
                 m = fig[key]
@@ -298,8 +265,8 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
             )
         tiles.sort(key=lambda t: {"bad": 0, "warn": 1, "ok": 2, "none": 3}[t["status"]])
         # Worst first: a cross-user delivery before everything else, then by count.
-        ranked = sorted(counts, key=lambda rc: (rc[0] != "isolation", -int(rc[1])))
-        by_rule = [{"rule": r, "count": n, "meaning": RULE_MEANINGS.get(r, "")} for r, n in ranked]
+        ranked = sorted(counts.items(), key=lambda rc: (rc[0] != Rule.ISOLATION, -rc[1]))
+        by_rule = [{"rule": r, "count": n, "meaning": _meaning(r)} for r, n in ranked]
         hour_by_agent = {a["agent"]: a for a in agents["1h"]}
         agent_rows = [
             {
@@ -340,15 +307,14 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
         now = now_us()
         # The same rules as the API: a bad value is refused with 422 and explained, never
         # silently dropped (a dropped filter would show everything and look like an answer).
-        errors: list[str] = []
+        errors: list[FilterError] = []
 
-        def pick(name: str, value: str | None, allowed: set[str]) -> str | None:
+        def pick(name: str, value: str | None, allowed: Collection[str]) -> str | None:
             if not value:
                 return None
             if value not in allowed:
-                errors.append(
-                    f"{name}: expected one of {', '.join(sorted(allowed))}; got {value!r}"
-                )
+                expected = f"expected one of {', '.join(sorted(allowed))}"
+                errors.append(FilterError(name, expected, value))
                 return None
             return value
 
@@ -358,7 +324,7 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
             try:
                 return parse_since(value, now, name)
             except FilterError as exc:
-                errors.append(str(exc))
+                errors.append(exc)
                 return None
 
         for name, value, limit in (
@@ -367,24 +333,24 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
             ("thread", thread, 64),
         ):
             if value and len(value) > limit:
-                errors.append(f"{name}: at most {limit} characters")
+                errors.append(FilterError(name, f"at most {limit} characters"))
         f = RunFilter(
-            verdict=pick("verdict", verdict, {"pass", "fail"}),
+            verdict=pick("verdict", verdict, VERDICT_NAMES),
             agent=(agent or None) and agent[:200],
             user=(user or None) and user[:200],
-            rule=pick("rule", rule, {r.value for r in Rule}),
-            state=pick("state", state, {"ended", "stuck"}),
+            rule=pick("rule", rule, RULE_NAMES),
+            state=pick("state", state, JUDGED_STATES),
             since_us=when("since", since),
             until_us=when("until", until),
             thread=(thread or None) and thread[:64],
         )
         if cursor and not _valid_cursor(cursor):
-            errors.append("cursor: not a cursor this page gave out")
+            errors.append(FilterError("cursor", "not a cursor this page gave out"))
         items: list[dict[str, Any]] = []
         nxt = None
         if not errors:
-            async with store.engine.connect() as conn:
-                items, nxt = await list_runs(conn, f, limit=50, cursor=cursor)
+            async with reads.reading() as reader:
+                items, nxt = views.runs_page(await reader.list_runs(f, limit=50, cursor=cursor))
         params = {
             k: v
             for k, v in {
@@ -410,7 +376,7 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
                 "until": until or "",
                 "since_help": SINCE_HELP,
                 "errors": errors,
-                "rules": [r.value for r in Rule],
+                "rules": list(RULE_NAMES),
                 "next_cursor": nxt,
                 "next_href": next_href,
             },
@@ -421,10 +387,11 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
     async def run(request: Request, run_id: str) -> Response:
         if (denied := gate(request)) is not None:
             return denied
-        async with store.engine.connect() as conn:
-            d = await run_detail(conn, run_id[:64])
-        if d is None:
+        async with reads.reading() as reader:
+            detail = await reader.run_detail(run_id[:64])
+        if detail is None:
             return not_found(request, f"No run {run_id[:64]!r} in the audit store.")
+        d = views.run_detail(detail)
         for e in d["events"]:
             e["data_json"] = json.dumps(e["data"], ensure_ascii=False)[:4000]
             e["commit_ms"] = _ms(e["committed_us"], e["emitted_us"])
@@ -432,9 +399,9 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
             e["ack_ms"] = _ms(e["first_acked_us"], e["emitted_us"])
             e["late"] = (
                 e["first_acked_us"] is not None
-                and e["first_acked_us"] - e["emitted_us"] > settings.delivery_slo_s * 1e6
+                and e["first_acked_us"] - e["emitted_us"] > rules.delivery_slo_s * 1e6
             )
-        svg = timeline_svg(d["events"], settings.delivery_slo_s)
+        svg = timeline_svg(d["events"], rules.delivery_slo_s)
         # Traces (docs/tracing.md): the run's trace id is its run id's 128 bits.
         trace = {
             "trace_id": trace_id_of(run_id[:64]),
@@ -460,16 +427,17 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
     ) -> Response:
         if (denied := gate(request)) is not None:
             return denied
-        rule = rule if rule in {r.value for r in Rule} else None
+        rule = rule if rule in RULE_NAMES else None
         before = int(cursor) if cursor and cursor.isdigit() and len(cursor) < 19 else None
-        async with store.engine.connect() as conn:
-            items, nxt = await list_violations(
-                conn, rule=rule, since_us=None, limit=100, before_id=before
+        async with reads.reading() as reader:
+            found, nxt = await reader.list_violations(
+                rule=rule, since_us=None, limit=100, before_id=before
             )
+        items = views.violation_items(found)
         return templates.TemplateResponse(
             request,
             "violations.html",
-            {"items": items, "rule": rule, "rules": [r.value for r in Rule], "next_cursor": nxt},
+            {"items": items, "rule": rule, "rules": list(RULE_NAMES), "next_cursor": nxt},
         )
 
     @router.get("/static/{name}")
@@ -486,6 +454,10 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
         return not_found(request, f"There is no monitor page at /monitor/{path[:200]}.")
 
     return router
+
+
+def _meaning(rule: str) -> str:
+    return Rule(rule).meaning if rule in RULE_NAMES else ""
 
 
 def _valid_cursor(cursor: str) -> bool:

@@ -18,11 +18,11 @@ from sqlalchemy import func, select
 
 from monitor.checker import Checker, CheckerConfig
 from monitor.metrics import MonitorMetrics
-from monitor.models import VerdictRow, ViolationRow
 from monitor.rules import RuleConfig
 from runtime.events import ErrorCode, Event, EventType, Receipt, new_id
 from runtime.lifecycle import RunLifecycle
 from runtime.store.audit import AuditStore, Batch, RunInfo
+from runtime.store.models import VerdictRow, ViolationRow
 
 from .conftest import make_settings, serve_runtime
 

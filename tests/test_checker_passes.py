@@ -17,10 +17,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from monitor.checker import Checker, CheckerConfig
 from monitor.metrics import MonitorMetrics
-from monitor.models import MonitorPosition, PendingRun, VerdictRow, ViolationRow
 from runtime.events import new_id
-from runtime.store.models import EventRow, RunRow
 from runtime.store.audit import AuditStore
+from runtime.store.models import (
+    EventRow,
+    MonitorPositionRow,
+    PendingRunRow,
+    RunRow,
+    VerdictRow,
+    ViolationRow,
+)
+from runtime.store.monitoring import MonitorReader
 
 from .conftest import wait_until
 from .test_checker import CONFIG, RULES, healthy_events, now_us, receipts, verdicts, write_run
@@ -47,8 +54,10 @@ async def write_healthy(store: AuditStore, n: int, t0: int) -> list[str]:
 async def state(store: AuditStore) -> tuple[Any, ...]:
     """Everything the checker writes: position, pending set, verdicts, violations."""
     async with store.engine.connect() as conn:
-        position = (await conn.execute(select(MonitorPosition.position))).all()
-        pending = sorted((await conn.execute(select(PendingRun.run_id, PendingRun.judged))).all())
+        position = (await conn.execute(select(MonitorPositionRow.position))).all()
+        pending = sorted(
+            (await conn.execute(select(PendingRunRow.run_id, PendingRunRow.judged))).all()
+        )
         judged = sorted((await conn.execute(select(VerdictRow.run_id))).scalars())
         violations = sorted((await conn.execute(select(ViolationRow.run_id))).scalars())
     return position, pending, judged, violations
@@ -265,7 +274,7 @@ class ProbingChecker(Checker):
     probes: list[str]
 
     def probe(self, where: str) -> None:
-        path = self.store.engine.url.database
+        path = self.store.store.engine.url.database
         assert path is not None
         other = sqlite3.connect(path, timeout=0, isolation_level=None)
         try:
@@ -275,9 +284,9 @@ class ProbingChecker(Checker):
             other.close()
         self.probes.append(where)
 
-    async def _judge(self, conn: AsyncConnection, snapshot: Any, now: int, result: Any) -> Any:
+    async def _judge(self, reader: MonitorReader, snapshot: Any, now: int, result: Any) -> Any:
         self.probe("read")
-        out = await super()._judge(conn, snapshot, now, result)
+        out = await super()._judge(reader, snapshot, now, result)
         self.probe("judged")
         return out
 

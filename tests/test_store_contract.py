@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from runtime.events import Event, EventType, Receipt, new_id
+from runtime.events import ErrorCode, Event, EventType, Receipt, new_id
 from runtime.lifecycle import RunLifecycle
 from runtime.metrics import RuntimeMetrics
 from runtime.pipeline import Emitted
@@ -22,6 +24,16 @@ from runtime.store.audit import (
     ConnectionOpen,
     RunInfo,
     StoreUnavailable,
+)
+from runtime.store.monitoring import (
+    MonitorStore,
+    PassWrite,
+    RunClock,
+    RunFilter,
+    SliCount,
+    Tracking,
+    VerdictRecord,
+    ViolationRecord,
 )
 from runtime.store.writer import AuditWriter, DeliveryLog
 
@@ -135,17 +147,13 @@ async def test_active_runs_newest_first_and_bounded(store: AuditStore) -> None:
     assert all(r["last_seq"] == 0 for r in listed)
 
 
-async def test_open_runs_and_events_after_position(store: AuditStore) -> None:
+async def test_open_runs(store: AuditStore) -> None:
     a, _ = await store.create_run(run_info(), new_thread=True)
     b, _ = await store.create_run(run_info(), new_thread=True)
     await store.write(Batch(events=[(e, True) for e in completed_run(a)]), now_us())
     await store.write(Batch(events=[(completed_run(b)[0], True)]), now_us())
     assert [r.run_id for r in await store.open_runs()] == [b.run_id]
     assert [r.run_id for r in await store.open_runs("other-instance")] == []
-    page1 = await store.events_after(0, limit=4)
-    page2 = await store.events_after(page1[-1].position, limit=100)
-    assert len(page1) == 4 and len(page2) == 3
-    assert page1[-1].position < page2[0].position
 
 
 async def test_purge_deletes_old_ended_runs_only(store: AuditStore) -> None:
@@ -215,8 +223,6 @@ async def test_event_types_are_stored_as_their_names(store: AuditStore) -> None:
 async def test_delivery_sli_waits_for_the_ack_window(store: AuditStore) -> None:
     """An unacked live event is in flight, not bad, until its ack window has passed (as the
     ``delivery_slo`` rule judges it); deferred events are outside the SLI."""
-    from monitor.queries import slo_figures
-
     t = now_us()
     info, _ = await store.create_run(run_info(), new_thread=True)
     clock = iter([t - 20_000_000, t - 20_000_000, t - 20_000_000, t - 3_000_000, t - 500_000])
@@ -244,11 +250,280 @@ async def test_delivery_sli_waits_for_the_ack_window(store: AuditStore) -> None:
     )
     live = [(e, True) for e in (on_time, late, never, waiting, fresh)]
     await store.write(Batch(events=[*live, (deferred, False)], receipts=receipts), t - 100)
-    async with store.engine.connect() as conn:
-        figures = await slo_figures(
-            conn, now_us=t, window_s=3600, delivery_slo_s=1.0, ack_wait_s=10.0
+    async with MonitorStore(store).reading() as reader:
+        counts = await reader.slo_counts(
+            now_us=t, window_s=3600, delivery_slo_s=1.0, ack_wait_s=10.0, persist_slo_s=0.25
         )
     # Counted: on time (good), late (bad), never acked past the window (bad). Not yet: the
     # two still in flight, though one is already older than the SLO threshold.
-    assert (figures["delivery"]["good"], figures["delivery"]["total"]) == (1, 3)
-    assert figures["persistence"]["total"] == 6
+    assert counts.delivery == SliCount(good=1, total=3)
+    assert counts.persistence.total == 6
+
+
+async def test_the_migrations_build_the_schema_the_models_declare(store: AuditStore) -> None:
+    """One schema, owned by the store: the Alembic history and ``runtime/store/models.py``
+    (the runtime's tables and the monitor's) agree, table by table and index by index."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from runtime.store.models import Base
+
+    def differences(conn: Any) -> list[Any]:
+        return list(compare_metadata(MigrationContext.configure(conn), Base.metadata))
+
+    async with store.engine.connect() as conn:
+        assert await conn.run_sync(differences) == []
+
+
+# ---- the monitor's read model (runtime/store/monitoring.py) ---------------------------------
+
+
+async def write_ended(
+    store: AuditStore, *, user: str = "alice", agent: str = "demo", error: ErrorCode | None = None
+) -> tuple[RunInfo, list[Event]]:
+    """A run that ended (completed, or with ``error``), every event live, each with a receipt
+    acked by the owner 2 ms after it was sent."""
+    info = dataclasses.replace(run_info(user=user), agent=agent)
+    info, _ = await store.create_run(info, new_thread=True)
+    if error is None:
+        events = completed_run(info)
+    else:
+        clock = itertools.count(now_us(), 100)
+        lc = RunLifecycle(info.run_id, info.thread_id, info.agent, lambda: next(clock))
+        events = [lc.started("hi"), lc.thinking("t"), lc.error(error, "failed")]
+    receipts = [
+        Receipt(e.event_id, e.run_id, e.seq, "c-" + user, user, e.ts_us + 10, e.ts_us + 2010)
+        for e in events
+    ]
+    await store.write(Batch(events=[(e, True) for e in events], receipts=receipts), now_us())
+    return info, events
+
+
+def verdict_of(
+    info: RunInfo, verdict: str, rules: tuple[str, ...], judged_us: int
+) -> VerdictRecord:
+    return VerdictRecord(
+        run_id=info.run_id,
+        user_id=info.user_id,
+        agent=info.agent,
+        thread_id=info.thread_id,
+        state="ended",
+        verdict=verdict,
+        outcome="completed",
+        rules=rules,
+        violation_count=len(rules),
+        event_count=6,
+        created_us=info.created_us,
+        ended_us=info.created_us + 1000,
+        judged_us=judged_us,
+    )
+
+
+async def test_following_the_store_by_position(store: AuditStore) -> None:
+    a, _ = await store.create_run(run_info(), new_thread=True)
+    b, _ = await store.create_run(run_info(), new_thread=True)
+    committed = now_us()
+    await store.write(Batch(events=[(e, True) for e in completed_run(a)]), committed)
+    await store.write(Batch(events=[(completed_run(b)[0], True)]), committed + 1)
+    async with MonitorStore(store).reading() as reader:
+        page1 = await reader.events_after(0, 4)
+        page2 = await reader.events_after(page1[-1].position, 100)
+        assert await reader.events_after(page2[-1].position, 100) == []
+    assert len(page1) == 4 and len(page2) == 3
+    positions = [e.position for e in page1 + page2]
+    assert positions == sorted(set(positions))
+    assert [e.run_id for e in page1 + page2] == [a.run_id] * 6 + [b.run_id]
+    assert [e.committed_us for e in page2] == [committed, committed, committed + 1]
+
+
+async def test_a_checker_pass_is_written_once_and_never_over_a_moved_position(
+    store: AuditStore,
+) -> None:
+    monitor = MonitorStore(store)
+    done, events = await write_ended(store)
+    waiting, _ = await store.create_run(run_info(), new_thread=True)
+    await store.write(Batch(events=[(completed_run(waiting)[0], True)]), now_us())
+    t = now_us()
+    async with monitor.reading() as reader:
+        assert await reader.tracking("checker") is None
+        newest = (await reader.events_after(0, 100))[-1].position
+        clocks = await reader.run_clocks([done.run_id, waiting.run_id, "no-such-run"])
+    assert clocks[done.run_id] == RunClock(done.created_us, events[-1].ts_us, 300.0)
+    assert clocks[waiting.run_id] == RunClock(waiting.created_us, None, 300.0)
+    assert "no-such-run" not in clocks
+    violation = ViolationRecord(done.run_id, "delivery_slo", "late", (2, 3), ("e2", "e3"), t)
+    first = PassWrite(
+        consumer="checker",
+        read=None,
+        position=newest,
+        now_us=t,
+        new_pending=[(waiting.run_id, False), ("events-only", False)],
+        verdicts=[verdict_of(done, "fail", ("delivery_slo",), t)],
+        violations=[violation],
+    )
+    assert await monitor.commit_pass(first)
+    assert not await monitor.commit_pass(first), "a second first pass of the consumer"
+    async with monitor.reading() as reader:
+        saved = await reader.tracking("checker")
+        assert saved == Tracking(newest, t)
+        assert await reader.judged([done.run_id, waiting.run_id]) == {done.run_id}
+        pending = {p.run_id: p for p in await reader.pending_runs()}
+        assert pending.keys() == {waiting.run_id, "events-only"}
+        assert pending["events-only"].clock is None and not pending["events-only"].judged
+        assert pending[waiting.run_id].clock == clocks[waiting.run_id]
+    # Neither judged nor pending: found in a window of positions already passed.
+    late, _ = await write_ended(store)
+    async with monitor.reading() as reader:
+        assert await reader.unfollowed_runs(0, newest + 100) == {late.run_id}
+        assert await reader.unfollowed_runs(0, newest) == set()
+    stale = PassWrite(consumer="checker", read=Tracking(newest, t - 1), position=newest, now_us=t)
+    assert not await monitor.commit_pass(stale)
+    second = PassWrite(
+        consumer="checker",
+        read=saved,
+        position=newest + 1,
+        now_us=t,  # the clock did not move: updated_us still does
+        mark_judged=[waiting.run_id],
+        drop=["events-only"],
+    )
+    assert await monitor.commit_pass(second)
+    async with monitor.reading() as reader:
+        moved = await reader.tracking("checker")
+        assert moved == Tracking(newest + 1, t + 1)
+        assert [(p.run_id, p.judged) for p in await reader.pending_runs()] == [
+            (waiting.run_id, True)
+        ]
+        detail = await reader.run_detail(done.run_id)
+    assert detail is not None and detail.violations == (
+        dataclasses.replace(violation, id=detail.violations[0].id, user_id="alice", agent="demo"),
+    )
+
+
+async def test_loading_runs_whole(store: AuditStore) -> None:
+    info, events = await write_ended(store)
+    other, _ = await write_ended(store, user="bob")
+    # A second delivery of seq 2, to another tab, not acked.
+    extra = Receipt(events[1].event_id, info.run_id, 2, "c-alice-2", "alice", now_us(), None, True)
+    await store.write(Batch(receipts=[extra]), now_us())
+    async with MonitorStore(store).reading() as reader:
+        loaded = await reader.load_runs([info.run_id, "no-such-run", other.run_id])
+        assert await reader.run_ids(run_id=info.run_id) == [info.run_id]
+        assert await reader.run_ids(run_id="no-such-run") == []
+        assert await reader.run_ids(since_us=info.created_us) == [info.run_id, other.run_id]
+        assert await reader.run_ids(since_us=other.created_us + 1) == []
+    assert loaded.keys() == {info.run_id, other.run_id}
+    run = loaded[info.run_id]
+    assert run.run.user_id == "alice" and run.run.outcome == "completed"
+    assert run.run.ended_us == events[-1].ts_us and run.run.timeout_s == 300.0
+    assert run.events == tuple(events)
+    assert run.live == {e.event_id for e in events}
+    assert run.committed_us.keys() == {e.event_id for e in events}
+    assert [(r.seq, r.connection_id) for r in run.receipts] == [
+        *[(e.seq, "c-alice") for e in events],
+        (2, "c-alice-2"),
+    ]
+    assert run.receipts[-1] == extra
+
+
+async def test_verdicts_listed_filtered_and_paged(store: AuditStore) -> None:
+    monitor = MonitorStore(store)
+    t = now_us()
+    runs = [await write_ended(store, user=u, agent=a) for u, a in [("alice", "demo")] * 3]
+    runs += [await write_ended(store, user="bob", agent="llm")]
+    infos = [info for info, _ in runs]
+    verdicts = [
+        verdict_of(infos[0], "pass", (), t),
+        verdict_of(infos[1], "fail", ("sequence", "stuck"), t),
+        verdict_of(infos[2], "pass", (), t),
+        verdict_of(infos[3], "fail", ("isolation",), t),
+    ]
+    violations = [
+        ViolationRecord(infos[1].run_id, "sequence", "gap", (3,), (), t),
+        ViolationRecord(infos[1].run_id, "stuck", "open", (), (), t),
+        ViolationRecord(infos[3].run_id, "isolation", "bob's", (1,), (), t),
+    ]
+    await monitor.commit_pass(
+        PassWrite("checker", None, 1, t, verdicts=verdicts, violations=violations)
+    )
+    async with monitor.reading() as reader:
+
+        async def ids(f: RunFilter, limit: int = 10) -> list[str]:
+            out: list[str] = []
+            cursor = None
+            while True:
+                page = await reader.list_runs(f, limit=limit, cursor=cursor)
+                out += [v.run_id for v in page.verdicts]
+                if page.next_cursor is None:
+                    return out
+                cursor = page.next_cursor
+
+        # Failures first, then newest first; the same order page by page.
+        everything = [infos[3].run_id, infos[1].run_id, infos[2].run_id, infos[0].run_id]
+        assert await ids(RunFilter()) == everything
+        assert await ids(RunFilter(), limit=1) == everything
+        assert await ids(RunFilter(verdict="pass")) == [infos[2].run_id, infos[0].run_id]
+        assert await ids(RunFilter(rule="stuck")) == [infos[1].run_id]
+        assert await ids(RunFilter(agent="llm")) == await ids(RunFilter(user="bob"))
+        assert await ids(RunFilter(thread=infos[0].thread_id)) == [infos[0].run_id]
+        assert await ids(RunFilter(state="stuck")) == []
+        window = RunFilter(since_us=infos[1].created_us, until_us=infos[3].created_us)
+        assert await ids(window) == [infos[1].run_id, infos[2].run_id]
+        page = await reader.list_runs(RunFilter(), limit=10, cursor=None)
+        assert page.verdicts[1] == verdicts[1]
+        assert page.inputs == dict.fromkeys((i.run_id for i in infos), "hi")
+
+        listed, before = await reader.list_violations(
+            rule=None, since_us=None, limit=2, before_id=None
+        )
+        assert [(v.rule, v.user_id, v.agent) for v in listed] == [
+            ("isolation", "bob", "llm"),
+            ("stuck", "alice", "demo"),
+        ]
+        rest, end = await reader.list_violations(
+            rule=None, since_us=None, limit=2, before_id=before
+        )
+        assert [v.rule for v in rest] == ["sequence"] and end is None
+        assert [
+            v.rule
+            for v in (
+                await reader.list_violations(rule="stuck", since_us=None, limit=9, before_id=None)
+            )[0]
+        ] == ["stuck"]
+        assert await reader.violation_counts(since_us=t) == {
+            "sequence": 1,
+            "stuck": 1,
+            "isolation": 1,
+        }
+        assert await reader.violation_counts(since_us=t + 1) == {}
+        counts = await reader.slo_counts(
+            now_us=t, window_s=60, delivery_slo_s=1.0, ack_wait_s=10.0, persist_slo_s=0.25
+        )
+        assert counts.completeness == SliCount(good=2, total=4)
+        assert counts.delivery == SliCount(good=24, total=24), "acked 2 ms after: on time"
+        assert (counts.open_runs, counts.stuck_runs) == (0, 0)
+        assert await reader.run_detail("no-such-run") is None
+
+
+async def test_open_and_stuck_runs_and_outcomes_by_agent(store: AuditStore) -> None:
+    monitor = MonitorStore(store)
+    await write_ended(store, agent="demo")
+    await write_ended(store, agent="flaky", error=ErrorCode.RUNTIME_RESTARTED)
+    await write_ended(store, agent="flaky", error=ErrorCode.INTERNAL)
+    await write_ended(store, agent="flaky")
+    since = now_us() - 60_000_000
+    stuck, _ = await store.create_run(run_info(), new_thread=True)
+    await store.create_run(run_info(), new_thread=True)  # open, within its timeout
+    t = now_us()
+    await monitor.commit_pass(PassWrite("checker", None, 0, t, new_pending=[(stuck.run_id, True)]))
+    async with monitor.reading() as reader:
+        by_agent = await reader.outcomes_by_agent(since_us=since)
+        assert await reader.outcomes_by_agent(since_us=t + 60_000_000) == {}
+        counts = await reader.slo_counts(
+            now_us=t, window_s=3600, delivery_slo_s=1.0, ack_wait_s=10.0, persist_slo_s=0.25
+        )
+    zero = dict.fromkeys(("completed", "error", "cancelled", "timeout", "runtime_restarted"), 0)
+    assert by_agent == {
+        "demo": {**zero, "completed": 1},
+        "flaky": {**zero, "completed": 1, "error": 1, "runtime_restarted": 1},
+    }
+    assert (counts.open_runs, counts.stuck_runs) == (1, 1)

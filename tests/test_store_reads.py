@@ -6,8 +6,8 @@ import itertools
 
 from runtime.events import new_id
 from runtime.lifecycle import RunLifecycle
-from runtime.store.reads import TITLE_CHARS, list_threads, thread_runs
 from runtime.store.audit import AuditStore, Batch, RunInfo
+from runtime.store.reads import TITLE_CHARS, list_threads, thread_runs
 
 _clock = itertools.count(1_800_000_000_000_000, 1_000_000)
 

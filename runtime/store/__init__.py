@@ -1,4 +1,6 @@
-"""The audit store: tables, the group-commit writer, replay and monitor queries, migrations."""
+"""The audit store: the schema (the runtime's tables and the monitor's), the group-commit writer,
+replay queries, the read models of chat clients (``reads``) and of the monitor
+(``monitoring``), migrations."""
 
 from __future__ import annotations
 

@@ -22,23 +22,32 @@ from sqlalchemy import (
     Engine,
     and_,
     bindparam,
-    column,
     create_engine,
     delete,
     event,
     func,
     select,
-    table,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.sql.expression import TableClause
 
-from ..events import Event, EventType, Receipt, dumps
+from ..events import ErrorCode, Event, EventType, Receipt, dumps
+from ..lifecycle import RunOutcome
 from .errors import INT32_MAX, StoreError, StoreRejected, StoreUnavailable, translate
-from .models import ConnectionRow, DeliveryRow, EventRow, InstanceLeaseRow, RunRow, ThreadRow
+from .models import (
+    Base,
+    ConnectionRow,
+    DeliveryRow,
+    EventRow,
+    InstanceLeaseRow,
+    PendingRunRow,
+    RunRow,
+    ThreadRow,
+    VerdictRow,
+    ViolationRow,
+)
 
 __all__ = [
     "AckUpdate",
@@ -207,12 +216,14 @@ def receipt_from_row(row: Any) -> Receipt:
 
 
 def _outcome_of(event: Event) -> str:
+    """The ``runs.outcome`` a terminal event gives its run."""
     if event.type == EventType.AGENT_COMPLETED:
-        return "completed"
-    code = str(event.data.get("code", "internal"))
-    return {"cancelled": "cancelled", "timeout": "timeout"}.get(
-        code, "runtime_restarted" if code == "runtime_restarted" else "error"
-    )
+        return RunOutcome.COMPLETED
+    try:
+        code = ErrorCode(str(event.data.get("code")))
+    except ValueError:
+        return RunOutcome.ERROR
+    return RunOutcome.of_error(code)
 
 
 #: SQLite's busy timeout for the runtime's batch writer: shorter than the writer's journal
@@ -415,17 +426,6 @@ class AuditStore:
             )
             return [_stored(r) for r in res]
 
-    async def events_after(self, position: int, limit: int = 1000) -> list[StoredEvent]:
-        """Events past ``position`` in store order: how a consumer follows the store."""
-        async with self._read() as conn:
-            res = await conn.execute(
-                select(EventRow)
-                .where(EventRow.position > position)
-                .order_by(EventRow.position)
-                .limit(limit)
-            )
-            return [_stored(r) for r in res]
-
     async def receipts(self, run_id: str) -> list[Receipt]:
         async with self._read() as conn:
             res = await conn.execute(
@@ -546,23 +546,23 @@ class AuditStore:
             run_ids = [r[0] for r in res]
             counts = dict.fromkeys(("runs", "events", "deliveries", "verdicts", "violations"), 0)
             # Children first, the runs last.
-            tables: dict[str, TableClause] = {
-                "deliveries": _by_run("deliveries"),
-                "events": _by_run("events"),
-                "violations": _by_run("violations"),
-                "verdicts": _by_run("verdicts"),
-                "pending": _by_run("monitor_pending"),
-                "runs": _by_run("runs"),
+            tables: dict[str, type[Base]] = {
+                "deliveries": DeliveryRow,
+                "events": EventRow,
+                "violations": ViolationRow,
+                "verdicts": VerdictRow,
+                "pending": PendingRunRow,
+                "runs": RunRow,
             }
             for chunk in _chunks(run_ids, 500):
-                for name, table in tables.items():
-                    where = table.c.run_id.in_(chunk)
+                for name, model in tables.items():
+                    where = model.__table__.c.run_id.in_(chunk)
                     if dry_run:
                         n = (
-                            await conn.execute(select(func.count()).select_from(table).where(where))
+                            await conn.execute(select(func.count()).select_from(model).where(where))
                         ).scalar_one()
                     else:
-                        n = (await conn.execute(delete(table).where(where))).rowcount or 0
+                        n = (await conn.execute(delete(model).where(where))).rowcount or 0
                     if name in counts:
                         counts[name] += int(n)
             if dry_run:
@@ -579,12 +579,6 @@ class AuditStore:
                 )
             )
             return counts
-
-
-def _by_run(name: str) -> TableClause:
-    """A table with a ``run_id`` column, by name: the monitor's tables (monitor/models.py,
-    created by the runtime's migrations) too, without the store importing the monitor."""
-    return table(name, column("run_id"))
 
 
 def _write_batch(

@@ -4,6 +4,13 @@
 Its ``position`` is the store's total order, which the monitor follows. ``deliveries`` holds the
 receipts: one row per event frame written to one connection, with the time of that connection's
 first acknowledgement. Times are integers, epoch microseconds, so they round-trip exactly.
+
+The monitor's tables live here too (one schema, one Alembic history), and only the store's
+read model (``monitoring.py``) touches them: ``monitor_positions``, how far each checker has
+read the events table; ``monitor_pending``, runs seen and not yet finished with (judged once
+ended or stuck; a stuck run stays, counted by the stuck gauge, until it ends); ``verdicts``
+and ``violations``, the judgements. The checker writes all four in one transaction per pass,
+with its position, so a restart neither judges a run twice nor skips one.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -26,8 +34,12 @@ __all__ = [
     "DeliveryRow",
     "EventRow",
     "InstanceLeaseRow",
+    "MonitorPositionRow",
+    "PendingRunRow",
     "RunRow",
     "ThreadRow",
+    "VerdictRow",
+    "ViolationRow",
 ]
 
 NAMING_CONVENTION = {
@@ -142,3 +154,65 @@ class InstanceLeaseRow(Base):
     pid: Mapped[int] = mapped_column(Integer)
     acquired_us: Mapped[int] = mapped_column(BigInteger)
     expires_us: Mapped[int] = mapped_column(BigInteger)
+
+
+# ---- the monitor's tables -------------------------------------------------------------------
+
+
+class MonitorPositionRow(Base):
+    """A consumer's tracking position in ``events``, and when it last moved."""
+
+    __tablename__ = "monitor_positions"
+
+    consumer: Mapped[str] = mapped_column(String(100), primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class PendingRunRow(Base):
+    """A run the checker has seen and not finished with; ``judged``: judged stuck already."""
+
+    __tablename__ = "monitor_pending"
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    first_seen_us: Mapped[int] = mapped_column(BigInteger)
+    judged: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class VerdictRow(Base):
+    """The checker's verdict on one run; ``rules`` lists the rules it broke, comma-separated."""
+
+    __tablename__ = "verdicts"
+    __table_args__ = (
+        Index("ix_verdicts_judged", "judged_us"),
+        Index("ix_verdicts_verdict_judged", "verdict", "judged_us"),
+    )
+
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), index=True)
+    agent: Mapped[str] = mapped_column(String(200), index=True)
+    thread_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    verdict: Mapped[str] = mapped_column(String(8))
+    outcome: Mapped[str | None] = mapped_column(String(32), default=None)
+    rules: Mapped[str] = mapped_column(Text, default="")
+    violation_count: Mapped[int] = mapped_column(Integer, default=0)
+    event_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_us: Mapped[int] = mapped_column(BigInteger, index=True)
+    ended_us: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    judged_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class ViolationRow(Base):
+    """One broken rule in one run: the seqs and event ids it points at."""
+
+    __tablename__ = "violations"
+    __table_args__ = (Index("ix_violations_rule_judged", "rule", "judged_us"),)
+
+    id: Mapped[int] = mapped_column(Position, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(64), index=True)
+    rule: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    seqs: Mapped[list[int]] = mapped_column(JSON)
+    event_ids: Mapped[list[str]] = mapped_column(JSON)
+    judged_us: Mapped[int] = mapped_column(BigInteger)

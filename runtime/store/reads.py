@@ -10,6 +10,7 @@ A thread's title is the input of its first run (the ``agent_started`` event, seq
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..events import format_ts
 from .models import EventRow, RunRow, ThreadRow
 
-__all__ = ["TITLE_CHARS", "ThreadRun", "ThreadSummary", "list_threads", "thread_runs"]
+__all__ = [
+    "TITLE_CHARS",
+    "ThreadRun",
+    "ThreadSummary",
+    "list_threads",
+    "run_inputs",
+    "thread_runs",
+]
 
 TITLE_CHARS = 120
 
@@ -69,8 +77,9 @@ def _title(text: str) -> str:
     return flat if len(flat) <= TITLE_CHARS else flat[: TITLE_CHARS - 1].rstrip() + "…"
 
 
-async def _inputs(conn: AsyncConnection, run_ids: list[str]) -> dict[str, str]:
-    """The user's message of each run, from its ``agent_started`` event."""
+async def run_inputs(conn: AsyncConnection, run_ids: Sequence[str]) -> dict[str, str]:
+    """The user's message of each run, from its ``agent_started`` event (seq 1); a run with
+    no such text is left out."""
     if not run_ids:
         return {}
     rows = await conn.execute(
@@ -81,7 +90,8 @@ async def _inputs(conn: AsyncConnection, run_ids: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for run_id, data in rows:
         value = data.get("input") if isinstance(data, dict) else None
-        out[run_id] = value if isinstance(value, str) else ""
+        if isinstance(value, str):
+            out[run_id] = value
     return out
 
 
@@ -131,7 +141,7 @@ async def list_threads(
         for thread_id, run_id, created_us in starts:
             if created_us == first_us[thread_id]:
                 firsts.setdefault(thread_id, run_id)
-    inputs = await _inputs(conn, list(firsts.values()))
+    inputs = await run_inputs(conn, list(firsts.values()))
     threads = [
         ThreadSummary(
             thread_id=r.thread_id,
@@ -165,7 +175,7 @@ async def thread_runs(
         )
     ).all()
     rows = list(reversed(newest))
-    inputs = await _inputs(conn, [r.run_id for r in rows])
+    inputs = await run_inputs(conn, [r.run_id for r in rows])
     return [
         ThreadRun(
             run_id=r.run_id,

@@ -7,7 +7,6 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-import monitor.models  # noqa: F401  (the monitor tables share the metadata)
 from runtime.store.audit import make_engine
 from runtime.store.models import Base
 
