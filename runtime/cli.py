@@ -1,4 +1,10 @@
-"""The ``runwatch`` command: serve, runtime, monitor, token, migrate, purge, check."""
+"""The ``runwatch`` command: serve, runtime, token, migrate, purge, and the verbs of extensions.
+
+Packages add to the command through the ``runwatch.cli`` entry point group: each entry point
+names an :class:`Extension`, its verbs and what it mounts on ``runwatch serve``. The monitor is
+one (``monitor = "monitor.cli:EXTENSION"``: the verbs ``monitor`` and ``check``, and the
+monitor inside ``runwatch serve``); the runtime never imports it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import argparse
 import asyncio
 import errno
 import gc
+import importlib.metadata
 import logging
 import os
 import re
@@ -13,7 +20,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -23,7 +31,20 @@ from uvicorn._compat import asyncio_run
 from . import __version__
 from .config import ConfigError, Settings, sqlite_path
 
-__all__ = ["main", "parse_duration"]
+__all__ = [
+    "EMBEDDED",
+    "EXTENSION_GROUP",
+    "Command",
+    "Extension",
+    "Extensions",
+    "build_parser",
+    "existing_store",
+    "main",
+    "parse_duration",
+    "serve_app",
+    "server_args",
+    "store_name",
+]
 
 log = logging.getLogger("runwatch")
 
@@ -39,6 +60,70 @@ def parse_duration(text: str) -> float:
             f"expected a duration like 30s, 15m, 1h, 30d; got {text!r}"
         )
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+# ---- extensions ------------------------------------------------------------------------------
+
+#: The entry point group through which packages add verbs to ``runwatch``.
+EXTENSION_GROUP = "runwatch.cli"
+#: The extension ``runwatch serve`` embeds beside the runtime (SPEC: the embedded default).
+EMBEDDED = "monitor"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``runwatch`` verb: its help, its arguments, and what it runs (an exit status)."""
+
+    name: str
+    summary: str
+    description: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    #: Listed in ``runwatch --help`` right after this verb (None: after the others).
+    after: str | None = None
+
+
+@dataclass(frozen=True)
+class Extension:
+    """What a package adds to ``runwatch``: verbs, and what ``runwatch serve`` mounts of it
+    (``attach(app, runtime)``, called once the runtime's app is built, before it serves)."""
+
+    commands: Sequence[Command] = ()
+    attach: Callable[[Any, Any], None] | None = None
+
+
+@dataclass(frozen=True)
+class Extensions:
+    """The extensions installed (by entry point name), and why each one that would not load
+    did not."""
+
+    loaded: dict[str, Extension] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def discover(cls) -> Extensions:
+        loaded: dict[str, Extension] = {}
+        broken: dict[str, str] = {}
+        for point in importlib.metadata.entry_points(group=EXTENSION_GROUP):
+            try:
+                loaded[point.name] = point.load()
+            except Exception as exc:
+                broken[point.name] = f"{point.value}: {type(exc).__name__}: {exc}"
+        return cls(loaded, broken)
+
+    def missing(self, name: str) -> str | None:
+        """None when extension ``name`` is there; else one line saying why it is not."""
+        if name in self.loaded:
+            return None
+        if name in self.broken:
+            return (
+                f"the {EXTENSION_GROUP} extension {name!r} could not be loaded "
+                f"({self.broken[name]})"
+            )
+        return (
+            f"the {EXTENSION_GROUP} extension {name!r} is not installed "
+            "(reinstall runwatch: pip install -e .)"
+        )
 
 
 class _GracefulServer(uvicorn.Server):
@@ -82,7 +167,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env()
 
 
-def _existing_store(settings: Settings) -> str | None:
+def existing_store(settings: Settings) -> str | None:
     """For verbs that read an existing store (``check``, ``purge``): None when it is there,
     else the line to print. They never create a database (an empty ``./runwatch.db`` in the
     wrong directory would only fail later with "no such table")."""
@@ -143,7 +228,37 @@ def _run_server(server: uvicorn.Server, sock: socket.socket, runtime: Any) -> in
         sock.close()
 
 
-def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) -> int:
+def serve_app(args: argparse.Namespace, build: Callable[[Settings], Any]) -> int:
+    """Serve the app ``build(settings)`` returns the way the runtime's own server verbs do
+    (dev-mode guard, the port bound first, migrations, graceful uvicorn): for extensions'
+    server verbs, such as ``runwatch monitor``. ``args`` has :func:`server_args`."""
+    return _serve(args, build=build)
+
+
+def _serve_runtime(args: argparse.Namespace, extensions: Extensions, *, embed: bool) -> int:
+    """``runwatch serve`` (``embed``: with every extension that attaches, the monitor first of
+    all) and ``runwatch runtime``."""
+    attach: list[Callable[[Any, Any], None]] = []
+    if embed:
+        missing = extensions.missing(EMBEDDED)
+        if missing is not None:
+            print(
+                f"runwatch: serve embeds the {EMBEDDED}, but {missing}; "
+                "or run `runwatch runtime` alone",
+                file=sys.stderr,
+            )
+            return 2
+        attach = [e.attach for e in extensions.loaded.values() if e.attach is not None]
+    return _serve(args, attach=attach)
+
+
+def _serve(
+    args: argparse.Namespace,
+    *,
+    attach: Sequence[Callable[[Any, Any], None]] = (),
+    build: Callable[[Settings], Any] | None = None,
+) -> int:
+    """The runtime (with ``attach`` hooks mounted on its app), or the app ``build`` makes."""
     from .server import Runtime, create_app, is_loopback
     from .store.migrate import upgrade
 
@@ -162,7 +277,7 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
             "user and the monitor is open without RUNWATCH_ADMIN_TOKEN. Never expose this server."
         )
     agents, tools = (None, None)
-    if with_runtime:
+    if build is None:
         # Before the port is bound or the store touched: a wrong --agent or --tool is one line.
         agents, tools = _user_code(args)
     sock = _listen(args.host, args.port)
@@ -171,17 +286,13 @@ def _serve(args: argparse.Namespace, *, with_runtime: bool, with_monitor: bool) 
     if args.migrate:
         upgrade(settings.database_url)
     rt = None
-    if with_runtime:
+    if build is None:
         rt = Runtime(settings, agents=agents, tools=tools)
         app = create_app(rt)
-        if with_monitor:
-            from monitor.service import attach_monitor
-
-            attach_monitor(app, rt)
+        for hook in attach:
+            hook(app, rt)
     else:
-        from monitor.service import create_monitor_app
-
-        app = create_monitor_app(settings)
+        app = build(settings)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -271,7 +382,7 @@ def _migrate(args: argparse.Namespace) -> int:
 MIN_PURGE_AGE_S = 3600.0
 
 
-def _store_name(url: str) -> str:
+def store_name(url: str) -> str:
     """The database URL as shown to an operator: no password."""
     from sqlalchemy.engine import make_url
 
@@ -285,7 +396,7 @@ def _purge(args: argparse.Namespace) -> int:
     from .store.audit import AuditStore
 
     settings = _settings(args)
-    missing = _existing_store(settings)
+    missing = existing_store(settings)
     if missing:
         print(missing, file=sys.stderr)
         return 2
@@ -310,22 +421,10 @@ def _purge(args: argparse.Namespace) -> int:
     print(
         f"runwatch: {verb} {{runs}} runs, {{events}} events, {{deliveries}} deliveries, "
         "{verdicts} verdicts, {violations} violations from {store}".format(
-            store=_store_name(settings.database_url), **counts
+            store=store_name(settings.database_url), **counts
         )
     )
     return 0
-
-
-def _check(args: argparse.Namespace) -> int:
-    from monitor.check import run_check
-
-    settings = _settings(args)
-    missing = _existing_store(settings)
-    if missing:
-        print(missing, file=sys.stderr)
-        return 2
-    print(f"runwatch: checking {_store_name(settings.database_url)}", file=sys.stderr)
-    return run_check(settings, since_s=args.since, run_id=args.run, as_json=args.json)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -349,7 +448,115 @@ _ENV_NOTE = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def server_args(p: argparse.ArgumentParser, port: int) -> None:
+    """The arguments of a server verb (for :func:`serve_app`): where to listen, whether to
+    migrate."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=port, help="TCP port to listen on")
+    p.add_argument(
+        "--no-migrate",
+        dest="migrate",
+        action="store_false",
+        help="do not apply schema migrations at start (default: migrate)",
+    )
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    server_args(p, 8000)
+    p.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        metavar="[NAME=]MODULE:FUNC",
+        help="register an extra agent (repeatable); NAME defaults to FUNC; modules are "
+        "found from the current directory too (docs/agents.md)",
+    )
+    p.add_argument(
+        "--tool",
+        action="append",
+        default=[],
+        metavar="[NAME=]MODULE:OBJ",
+        help="register an extra tool (repeatable): a Tool, or a function whose docstring "
+        "and annotated parameters describe it; NAME defaults to its name (docs/agents.md)",
+    )
+
+
+def _token_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--user", required=True, help="the user id: 1-128 of letters, digits, _ . @ : + -"
+    )
+    p.add_argument(
+        "--ttl", type=parse_duration, default="1h", help="lifetime, such as 90s, 30m, 1h or 7d"
+    )
+
+
+def _migrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default="head", help="target Alembic revision")
+
+
+def _purge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--older-than", type=parse_duration, required=True, help="a duration such as 30d or 12h"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
+    p.add_argument("--force", action="store_true", help="allow --older-than under 1h")
+
+
+def _commands(extensions: Extensions) -> list[Command]:
+    """The runtime's verbs, then each extension's after the verb it names (or at the end)."""
+    commands = [
+        Command(
+            "serve",
+            "runtime + monitor in one process (the embedded default)",
+            "The chat page at /, the WebSocket at /ws, the monitor at /monitor, its API under "
+            "/api, API reference at /api/docs and Prometheus metrics at /metrics, in one process.",
+            lambda args: _serve_runtime(args, extensions, embed=True),
+            _runtime_args,
+        ),
+        Command(
+            "runtime",
+            "the runtime alone (production)",
+            "The chat page, /ws, /api/me and /metrics, without the monitor; run `runwatch "
+            "monitor` beside it on the same database.",
+            lambda args: _serve_runtime(args, extensions, embed=False),
+            _runtime_args,
+        ),
+        Command(
+            "token",
+            "mint a JWT for a user",
+            "Print an HS256 JWT for USER, signed with RUNWATCH_JWT_SECRET, for /ws and /api/me.",
+            _token,
+            _token_args,
+        ),
+        Command(
+            "migrate",
+            "apply the audit store's schema migrations",
+            "Bring the database in RUNWATCH_DATABASE_URL to the given Alembic revision.",
+            _migrate,
+            _migrate_args,
+        ),
+        Command(
+            "purge",
+            "delete ended runs older than a duration",
+            "Retention: delete ended runs older than the duration with everything of them "
+            "(events, deliveries, the monitor's verdicts and violations), in one transaction.",
+            _purge,
+            _purge_args,
+        ),
+    ]
+    for extension in extensions.loaded.values():
+        for extra in extension.commands:
+            names = [c.name for c in commands]
+            at = names.index(extra.after) + 1 if extra.after in names else len(commands)
+            commands.insert(at, extra)
+    return commands
+
+
+def build_parser(extensions: Extensions | None = None) -> argparse.ArgumentParser:
+    """The ``runwatch`` parser with the verbs of ``extensions`` (default: those installed)."""
+    extensions = extensions if extensions is not None else Extensions.discover()
     parser = argparse.ArgumentParser(
         prog="runwatch",
         description="Run agents live and prove every user saw every step.",
@@ -363,109 +570,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the traceback of a configuration or store error instead of one line",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name,
-            help=summary,
-            description=description,
+    for command in _commands(extensions):
+        p = sub.add_parser(
+            command.name,
+            help=command.summary,
+            description=command.description,
             epilog=_ENV_NOTE,
             formatter_class=_HelpFormatter,
         )
-
-    def server_args(p: argparse.ArgumentParser, port: int) -> None:
-        p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-        p.add_argument("--port", type=int, default=port, help="TCP port to listen on")
-        p.add_argument(
-            "--no-migrate",
-            dest="migrate",
-            action="store_false",
-            help="do not apply schema migrations at start (default: migrate)",
-        )
-
-    def agent_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--agent",
-            action="append",
-            default=[],
-            metavar="[NAME=]MODULE:FUNC",
-            help="register an extra agent (repeatable); NAME defaults to FUNC; modules are "
-            "found from the current directory too (docs/agents.md)",
-        )
-        p.add_argument(
-            "--tool",
-            action="append",
-            default=[],
-            metavar="[NAME=]MODULE:OBJ",
-            help="register an extra tool (repeatable): a Tool, or a function whose docstring "
-            "and annotated parameters describe it; NAME defaults to its name (docs/agents.md)",
-        )
-
-    p = command(
-        "serve",
-        "runtime + monitor in one process (the embedded default)",
-        "The chat page at /, the WebSocket at /ws, the monitor at /monitor, its API under /api, "
-        "API reference at /api/docs and Prometheus metrics at /metrics, in one process.",
-    )
-    server_args(p, 8000)
-    agent_arg(p)
-    p = command(
-        "runtime",
-        "the runtime alone (production)",
-        "The chat page, /ws, /api/me and /metrics, without the monitor; run `runwatch monitor` "
-        "beside it on the same database.",
-    )
-    server_args(p, 8000)
-    agent_arg(p)
-    p = command(
-        "monitor",
-        "the monitor alone (production)",
-        "The monitor UI at /monitor, its API under /api and /metrics, checking every run in "
-        "the audit store. Needs RUNWATCH_ADMIN_TOKEN outside dev mode.",
-    )
-    server_args(p, 8001)
-    p = command(
-        "token",
-        "mint a JWT for a user",
-        "Print an HS256 JWT for USER, signed with RUNWATCH_JWT_SECRET, for /ws and /api/me.",
-    )
-    p.add_argument(
-        "--user", required=True, help="the user id: 1-128 of letters, digits, _ . @ : + -"
-    )
-    p.add_argument(
-        "--ttl", type=parse_duration, default="1h", help="lifetime, such as 90s, 30m, 1h or 7d"
-    )
-    p = command(
-        "migrate",
-        "apply the audit store's schema migrations",
-        "Bring the database in RUNWATCH_DATABASE_URL to the given Alembic revision.",
-    )
-    p.add_argument("--revision", default="head", help="target Alembic revision")
-    p = command(
-        "purge",
-        "delete ended runs older than a duration",
-        "Retention: delete ended runs older than the duration with everything of them (events, "
-        "deliveries, the monitor's verdicts and violations), in one transaction.",
-    )
-    p.add_argument(
-        "--older-than", type=parse_duration, required=True, help="a duration such as 30d or 12h"
-    )
-    p.add_argument(
-        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
-    )
-    p.add_argument("--force", action="store_true", help="allow --older-than under 1h")
-    p = command(
-        "check",
-        "judge stored runs; exit 1 on any violation",
-        "Run every monitor rule over the stored runs and print the verdicts; exit status 1 "
-        "when any run breaks a rule.",
-    )
-    p.add_argument(
-        "--since", type=parse_duration, default="1h", help="runs created this long ago or later"
-    )
-    p.add_argument("--run", default=None, help="judge one run id only")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        if command.arguments is not None:
+            command.arguments(p)
+        p.set_defaults(**{_RUN: command.run})
     return parser
+
+
+#: Where the parsed arguments keep the verb's function (a name no option takes).
+_RUN = "_runwatch_command"
+
+
+def _verb(argv: Sequence[str]) -> str | None:
+    """The verb on a command line: its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -482,9 +607,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .store.audit import StoreError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extensions = Extensions.discover()
+    parser = build_parser(extensions)
+    verb = _verb(argv)
+    missing = extensions.missing(EMBEDDED)
+    verbs = {c.name for c in _commands(extensions)}
+    if verb is not None and verb not in verbs and missing is not None:
+        # A verb of an extension that is not there: say which, in one line.
+        print(f"runwatch: no command {verb!r} here: {missing}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
-        return _dispatch(args)
+        run: Callable[[argparse.Namespace], int] = getattr(args, _RUN)
+        return run(args)
     except ConfigError as exc:
         if args.debug:
             raise
@@ -495,29 +631,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         url = os.environ.get("RUNWATCH_DATABASE_URL") or Settings.database_url
         print(
-            f"runwatch: cannot use the audit store {_store_name(url)} ({_one_line(exc)}): check "
+            f"runwatch: cannot use the audit store {store_name(url)} ({_one_line(exc)}): check "
             "RUNWATCH_DATABASE_URL, that the database is up and writable, and `runwatch migrate`",
             file=sys.stderr,
         )
         return 2
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "serve":
-        return _serve(args, with_runtime=True, with_monitor=True)
-    if args.command == "runtime":
-        return _serve(args, with_runtime=True, with_monitor=False)
-    if args.command == "monitor":
-        return _serve(args, with_runtime=False, with_monitor=True)
-    if args.command == "token":
-        return _token(args)
-    if args.command == "migrate":
-        return _migrate(args)
-    if args.command == "purge":
-        return _purge(args)
-    if args.command == "check":
-        return _check(args)
-    raise AssertionError(args.command)
 
 
 if __name__ == "__main__":
