@@ -271,7 +271,9 @@ async def test_a_held_lock_degrades_to_the_journal_in_about_a_second(
             bob = await live.client("bob")
             connect_s = time.monotonic() - t0
             await bob.ping(5)
-            await asyncio.sleep(2)
+            # Two more thinking steps (a second apart) go through the journal meanwhile.
+            journaled = len(run.events)
+            await wait_until(lambda: len(run.events) >= journaled + 2, 5)
             assert live.rt.writer.degraded
             assert await _ready(live) == 200, "the journal is progress: still ready"
         if holder is not None:
@@ -311,7 +313,9 @@ async def test_an_event_with_a_lone_surrogate_survives_the_journal(
             await wait_until(lambda: len(run.events) >= 2, 10)
             proxy.down()
             await wait_until(lambda: live.metric("runwatch_audit_journal_depth") > 0, 10)
-            await asyncio.sleep(1)
+            # More surrogate steps (0.5 s apart) go through the journal to alice meanwhile.
+            down = len(run.events)
+            await wait_until(lambda: len(run.events) >= down + 2, 10)
             proxy.up()
             await run.wait(20)
             await wait_until(lambda: not live.rt.writer.degraded, 20)
@@ -388,7 +392,9 @@ async def test_journal_disk_full_during_an_outage_events_wait_and_nothing_is_los
                 await wait_until(lambda: live.metric("runwatch_audit_writer_stalled") == 1, 10)
                 assert await _ready(live) == 503
                 held = len(run.events)
-                await asyncio.sleep(1.5)
+                # The agent goes on (a step every 0.2 s): its events wait for the writer.
+                queued = live.metric("runwatch_audit_queue_depth")
+                await wait_until(lambda: live.metric("runwatch_audit_queue_depth") >= queued + 3)
                 assert len(run.events) == held, "nothing is sent that is not durable"
                 if filler is not None:
                     filler.unlink()
@@ -506,7 +512,8 @@ async def test_shutdown_is_bounded_and_claims_nothing_it_did_not_write(
             run = await alice.chat("wait 30")
             await wait_until(lambda: len(run.events) >= 2, 10)
             proxy.down()
-            await asyncio.sleep(0.5)
+            # Events committed before the cut are on alice's socket ahead of this pong.
+            await alice.ping(5)
             received = len(run.events)
             started = time.monotonic()
             await live.rt.shutdown()
