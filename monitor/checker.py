@@ -38,7 +38,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runtime.events import now_us
@@ -139,11 +139,6 @@ class Pacer:
     async def pause(self) -> None:
         await asyncio.sleep(0)
         self._deadline = time.perf_counter() + self.slice_s
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 # ---- one pass, as data ---------------------------------------------------------------------
@@ -287,7 +282,9 @@ class Checker:
         pacer = Pacer(cfg.slice_s)
         # Chunk by chunk: a chunk's facts are garbage before the next one loads, so few
         # objects live long enough for the full (stop-the-world) garbage collections.
-        for ids in _chunks([c.run_id for c in snapshot.due], cfg.load_chunk):
+        due = [c.run_id for c in snapshot.due]
+        for at in range(0, len(due), cfg.load_chunk):
+            ids = due[at : at + cfg.load_chunk]
             loaded = await reader.load_runs(ids, pacer)
             for run_id in ids:
                 stored = loaded.get(run_id)

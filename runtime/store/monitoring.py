@@ -15,8 +15,8 @@ that judges runs learns which runs moved, then loads each due run whole
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, update
@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..events import Event, EventType, Receipt
 from ..lifecycle import RunOutcome
-from .audit import AuditStore, StoredEvent
+from .audit import AuditStore, StoredEvent, _chunks, _stored, receipt_from_row
 from .errors import translate
 from .models import (
     DeliveryRow,
@@ -327,63 +327,28 @@ _DROP_PENDING = delete(PendingRunRow).where(PendingRunRow.run_id == bindparam("b
 
 
 def _verdict_row(v: VerdictRecord) -> dict[str, Any]:
-    return {
-        "run_id": v.run_id,
-        "user_id": v.user_id,
-        "agent": v.agent,
-        "thread_id": v.thread_id,
-        "state": v.state,
-        "verdict": v.verdict,
-        "outcome": v.outcome,
-        "rules": ",".join(v.rules),
-        "violation_count": v.violation_count,
-        "event_count": v.event_count,
-        "created_us": v.created_us,
-        "ended_us": v.ended_us,
-        "judged_us": v.judged_us,
-    }
+    # ``rules`` is stored as one comma-separated column.
+    return {f.name: getattr(v, f.name) for f in fields(v)} | {"rules": ",".join(v.rules)}
 
 
 def _violation_row(v: ViolationRecord) -> dict[str, Any]:
-    return {
-        "run_id": v.run_id,
-        "rule": v.rule,
-        "message": v.message,
-        "seqs": list(v.seqs),
-        "event_ids": list(v.event_ids),
-        "judged_us": v.judged_us,
-    }
+    row = {f.name: getattr(v, f.name) for f in fields(v) if f.name not in _READ_BACK}
+    return row | {"seqs": list(v.seqs), "event_ids": list(v.event_ids)}
+
+
+#: What a violation has only once stored: its id, and its run's owner and agent.
+_READ_BACK = frozenset({"id", "user_id", "agent"})
 
 
 def _verdict(row: Any) -> VerdictRecord:
-    return VerdictRecord(
-        run_id=row.run_id,
-        user_id=row.user_id,
-        agent=row.agent,
-        thread_id=row.thread_id,
-        state=row.state,
-        verdict=row.verdict,
-        outcome=row.outcome,
-        rules=tuple(r for r in row.rules.split(",") if r),
-        violation_count=row.violation_count,
-        event_count=row.event_count,
-        created_us=row.created_us,
-        ended_us=row.ended_us,
-        judged_us=row.judged_us,
-    )
+    values = row._asdict()
+    return VerdictRecord(**values | {"rules": tuple(r for r in values["rules"].split(",") if r)})
 
 
 def _violation(row: Any) -> ViolationRecord:
+    values = row._asdict()
     return ViolationRecord(
-        run_id=row.run_id,
-        rule=row.rule,
-        message=row.message,
-        seqs=tuple(row.seqs),
-        event_ids=tuple(row.event_ids),
-        judged_us=row.judged_us,
-        id=row.id,
-        user_id=row.user_id,
-        agent=row.agent,
+        **values | {"seqs": tuple(values["seqs"]), "event_ids": tuple(values["event_ids"])}
     )
 
 
@@ -440,11 +405,6 @@ _VIOLATION_COLUMNS = (
 
 #: Run ids per ``IN`` list.
 _IN_CHUNK = 500
-
-
-def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def _us(seconds: float) -> int:
@@ -508,7 +468,7 @@ class MonitorReader:
     async def judged(self, run_ids: Sequence[str]) -> set[str]:
         """Those of ``run_ids`` that have a verdict."""
         out: set[str] = set()
-        for ids in _chunks(run_ids):
+        for ids in _chunks(run_ids, _IN_CHUNK):
             out.update(
                 (
                     await self._conn.execute(
@@ -536,7 +496,7 @@ class MonitorReader:
     async def run_clocks(self, run_ids: Sequence[str]) -> dict[str, RunClock]:
         """When each of the runs that exist started and ended."""
         out: dict[str, RunClock] = {}
-        for ids in _chunks(run_ids):
+        for ids in _chunks(run_ids, _IN_CHUNK):
             rows = await self._conn.execute(
                 select(RunRow.run_id, RunRow.created_us, RunRow.ended_us, RunRow.timeout_s).where(
                     RunRow.run_id.in_(ids)
@@ -553,7 +513,7 @@ class MonitorReader:
         turned into events and receipts here; with ``pacing`` the event loop gets its turns."""
         pace = pacing or _NoPacing()
         out: dict[str, StoredRun] = {}
-        for ids in _chunks(run_ids):
+        for ids in _chunks(run_ids, _IN_CHUNK):
             runs = [
                 RunRecord(*r)
                 for r in await self._conn.execute(
@@ -660,12 +620,10 @@ class MonitorReader:
         if run is None:
             return None
         events = await conn.execute(
-            select(*_EVENT_COLUMNS, EventRow.position)
-            .where(EventRow.run_id == run_id)
-            .order_by(EventRow.position)
+            select(EventRow).where(EventRow.run_id == run_id).order_by(EventRow.position)
         )
         receipts = await conn.execute(
-            select(*_RECEIPT_COLUMNS).where(DeliveryRow.run_id == run_id).order_by(DeliveryRow.id)
+            select(DeliveryRow).where(DeliveryRow.run_id == run_id).order_by(DeliveryRow.id)
         )
         verdict = (
             await conn.execute(select(VerdictRow).where(VerdictRow.run_id == run_id))
@@ -678,13 +636,8 @@ class MonitorReader:
         )
         return RunDetail(
             run=RunRecord(*run),
-            events=tuple(
-                StoredEvent(
-                    Event(_TYPES[t], eid, rid, th, seq, ts, ag, data), position, committed, live
-                )
-                for t, eid, rid, th, seq, ts, ag, data, committed, live, position in events
-            ),
-            receipts=tuple(Receipt(*r) for r in receipts),
+            events=tuple(_stored(e) for e in events),
+            receipts=tuple(receipt_from_row(r) for r in receipts),
             verdict=_verdict(verdict) if verdict is not None else None,
             violations=tuple(_violation(v) for v in violations),
         )
