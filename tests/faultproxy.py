@@ -18,8 +18,8 @@ class FaultProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self.refused = 0
         #: (marker, then): once a client sends ``marker``, its next chunk holding ``then`` is
-        #: forwarded and the connection is cut before the answer comes back (an ambiguous
-        #: outcome: the server acted, the client never learns it).
+        #: forwarded, and the connection is cut when the server answers, the answer held back
+        #: (an ambiguous outcome: the server acted, the client never learns it).
         self.cut_after: tuple[bytes, bytes] | None = None
         self.cuts = 0
 
@@ -55,6 +55,7 @@ class FaultProxy:
         self._writers.update({writer, up_writer})
 
         muted = asyncio.Event()
+        answered = asyncio.Event()
 
         async def pipe(
             src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool
@@ -63,20 +64,26 @@ class FaultProxy:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):
                     if not upstream and muted.is_set():
+                        answered.set()  # the server acted on what it was sent last
                         continue
-                    dst.write(data)
-                    await dst.drain()
-                    cut = self.cut_after
-                    if upstream and cut is not None:
+                    cut = self.cut_after if upstream else None
+                    cutting = False
+                    if cut is not None:
                         armed = armed or cut[0] in data
                         if armed and cut[1] in data and data.find(cut[1]) > data.find(cut[0]):
                             self.cut_after = None
                             self.cuts += 1
-                            muted.set()
-                            await asyncio.sleep(0.3)  # the server acts on it meanwhile
-                            writer.transport.abort()
-                            up_writer.transport.abort()
-                            return
+                            muted.set()  # before forwarding: no part of the answer gets back
+                            cutting = True
+                    dst.write(data)
+                    await dst.drain()
+                    if cutting:
+                        # Cut once the server has answered, so it surely acted on it.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(answered.wait(), 10)
+                        writer.transport.abort()
+                        up_writer.transport.abort()
+                        return
             dst.transport.abort()
 
         await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
