@@ -86,7 +86,7 @@ def wait_numbers(prom: Prometheus, expr: str, timeout: float) -> list[float]:
         found = numbers(prom.query(expr))
         if found:
             return found
-        time.sleep(1)
+        time.sleep(0.25)
     return found
 
 
@@ -111,8 +111,13 @@ def assert_counted_once(prom: Prometheus) -> None:
         assert not prom.firing(alert), alert
 
 
-async def traffic(url: str, stop: asyncio.Event) -> None:
-    """Real runs of every kind, until told to stop."""
+#: Rounds of :func:`traffic` in which every kind of run, cancel, resume, bad frame and
+#: dropped client has happened at least once (the 11th is the first dropped client).
+ALL_KINDS = 11
+
+
+async def traffic(url: str, stop: asyncio.Event, rounds: list[int]) -> None:
+    """Real runs of every kind, until told to stop; ``rounds`` gets each finished round."""
     clients = [RunwatchClient(url, make_token(f"user{i}")) for i in range(4)]
     for c in clients:
         await c.connect()
@@ -149,6 +154,7 @@ async def traffic(url: str, stop: asyncio.Event) -> None:
                 r = await flaky.chat("wait 2")
                 await wait_until(lambda r=r: len(r.events) >= 3)
                 await flaky.close()
+            rounds.append(i)
             await asyncio.sleep(0.05)
     finally:
         for c in clients:
@@ -188,10 +194,14 @@ async def test_split_deployment_dashboards_and_down_alerts(tmp_path: Path) -> No
         with run_prometheus(tmp_path, config) as prom:
             prom.wait_for(prom.targets_up, 30, "both targets up")
             stop = asyncio.Event()
-            load = asyncio.create_task(traffic(runtime.ws_url, stop))
-            await asyncio.sleep(20 * scale())
+            rounds: list[int] = []
+            load = asyncio.create_task(traffic(runtime.ws_url, stop, rounds))
+            await wait_until(lambda: len(rounds) >= ALL_KINDS or load.done(), 60)
+            if load.done():
+                load.result()
 
-            # Every panel query, variables resolved, returns data while traffic flows.
+            # Every panel query, variables resolved, returns data while traffic flows (each
+            # is asked again until it does, while the traffic goes on).
             try:
                 await assert_every_panel_has_data(prom)
             finally:
