@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
+from .metrics import DELIVERY_SLO_S
 
 __all__ = ["LOG_LEVELS", "SUPPORTED_DRIVERS", "ConfigError", "Settings", "sqlite_path"]
 
@@ -97,7 +98,7 @@ class Settings:
     data_dir: str = "./runwatch-data"
     journal_max_bytes: int = 256 * 1024 * 1024
     log_level: str = "info"
-    delivery_slo_s: float = 1.0
+    delivery_slo_s: float = DELIVERY_SLO_S
     stuck_grace_s: float = 60.0
     monitor_interval_s: float = 2.0
     #: A trace viewer's URL with ``{trace_id}`` and/or ``{run_id}``: the monitor links runs.

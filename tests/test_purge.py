@@ -11,8 +11,8 @@ from pathlib import Path
 from sqlalchemy import text
 
 from runtime.events import Event, EventType, Receipt
-from runtime.store.migrate import upgrade
 from runtime.store.audit import AuditStore, Batch, RunInfo
+from runtime.store.migrate import upgrade
 
 from .conftest import sqlite_url
 

@@ -261,7 +261,7 @@ async def test_unset_variables_leave_runs_untraced(
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
     async with serve_runtime(make_settings(sqlite_url(tmp_path / "rw.db"))) as live:
         assert live.rt.tracer is None
-        assert live.rt.hub.observer is None and live.rt.engine.telemetry is None
+        assert live.rt.delivery.observer is None and live.rt.engine.telemetry is None
         client = await live.client("alice")
         events = await (await client.chat("what is 6*7")).wait(20)
         assert events[-1].type == EventType.AGENT_COMPLETED
