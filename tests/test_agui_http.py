@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from monitor.check import judge_runs
+from monitor.report import judge_runs
 from monitor.rules import RuleConfig
 from runtime.events import EventType, now_us
 from runtime.store.models import ConnectionRow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.check import judge_runs
+from monitor.report import judge_runs
 from monitor.rules import RuleConfig
 from runtime.client import RunwatchClient, RunwatchError
 from runtime.events import Event

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -18,7 +16,7 @@ from starlette.routing import Route
 
 from runtime.events import EventType
 
-from .conftest import LiveServer, scale, wait_until
+from .conftest import LiveServer, scale, serve_app
 from .invariants import assert_valid
 
 
@@ -114,16 +112,9 @@ class FakeOpenAI:
 async def fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = FakeOpenAI()
     app = Starlette(routes=[Route("/v1/chat/completions", fake.completions, methods=["POST"])])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    fake.port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server._serve([sock]))
-    await wait_until(lambda: server.started, 10)
-    yield fake
-    server.should_exit = True
-    await task
-    sock.close()
+    async with serve_app(app, lifespan="off") as served:
+        fake.port = served.port
+        yield fake
 
 
 @pytest.fixture
