@@ -126,7 +126,19 @@ class Extensions:
         )
 
 
-class _GracefulServer(uvicorn.Server):
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying where it listens once it serves: with ``--port 0`` the kernel
+    picked the port, and uvicorn names no address when it is handed a bound socket."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:
+            host, port = sockets[0].getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            print(f"runwatch: listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+
+
+class _GracefulServer(_Server):
     """Runs runwatch's own graceful shutdown on SIGTERM/SIGINT *before* uvicorn closes the
     sockets (uvicorn would otherwise close every WebSocket first)."""
 
@@ -306,7 +318,7 @@ def _serve(
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    server = _GracefulServer(config, rt) if rt is not None else uvicorn.Server(config)
+    server = _GracefulServer(config, rt) if rt is not None else _Server(config)
     _settle_garbage_collector()
     return _run_server(server, sock, rt)
 

@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -309,17 +309,16 @@ def start_server_process(
     """Start ``runwatch <command>`` as a child and wait until ``/healthz`` answers 200.
 
     Without ``port`` the child binds port 0 itself and the test reads the port it got from
-    /proc, so no other process can take the port between choosing and binding it (runwatch
-    does not print the port it bound). With ``port`` (a restart on the address clients and
-    Prometheus already know), or where there is no /proc, a child that finds its port taken
-    (runwatch binds first and exits 2, "cannot listen on ...") is started again until the
-    deadline, on a new guess if the port was only a guess."""
+    the line ``runwatch: listening on http://HOST:PORT`` it prints once bound, so no other
+    process can take the port between choosing and binding it. With ``port`` (a restart on the
+    address clients and Prometheus already know), a child that finds its port taken (runwatch
+    binds first and exits 2, "cannot listen on ...") is started again until the deadline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNWATCH_")}
     env.update({"PYTHONUNBUFFERED": "1", "RUNWATCH_INSTANCE_ID": "test"})
     env.update(env_extra)
     deadline = time.monotonic() + 30 * scale()
     while True:
-        bind = port if port is not None else 0 if _HAVE_PROC else _guess_free_port()
+        bind = port if port is not None else 0
         log_path = tmp_path / f"{name}-{next(_server_logs)}.log"
         with log_path.open("ab") as log_file:
             proc = subprocess.Popen(
@@ -351,31 +350,13 @@ def start_server_process(
         raise AssertionError(f"server exited with {proc.returncode}:\n{sp.log()}")
 
 
-_HAVE_PROC = Path("/proc/self/fd").is_dir() and Path("/proc/net/tcp").is_file()
+_LISTENING = re.compile(r"runwatch: listening on http://\S+:(\d+)")
 
 
-def _guess_free_port() -> int:
-    """A port free a moment ago (where there is no /proc): someone may take it before the
-    child binds it, so the caller retries when the child says so."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _listening_port(pid: int) -> int | None:
-    """The TCP port process ``pid`` listens on, read from /proc (Linux), or None yet."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-        links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds}
-    except OSError:  # the process or one of its descriptors went away meanwhile
-        return None
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for row in Path(table).read_text().splitlines()[1:]:
-                local, state, inode = (row.split()[i] for i in (1, 3, 9))
-                if state == "0A" and f"socket:[{inode}]" in links:  # 0A: LISTEN
-                    return int(local.rsplit(":", 1)[1], 16)
-    return None
+def _listening_port(sp: ServerProcess) -> int | None:
+    """The port the child says it bound (``runwatch: listening on ...``), or None yet."""
+    match = _LISTENING.search(sp.log())
+    return int(match.group(1)) if match else None
 
 
 def _wait_healthy(sp: ServerProcess, deadline: float) -> bool:
@@ -387,7 +368,7 @@ def _wait_healthy(sp: ServerProcess, deadline: float) -> bool:
         if sp.proc.poll() is not None:
             return False
         if not sp.port:
-            sp.port = _listening_port(sp.proc.pid) or 0
+            sp.port = _listening_port(sp) or 0
         if sp.port:
             try:
                 if httpx.get(f"{sp.http_url}/healthz", timeout=1).status_code == 200:
