@@ -8,7 +8,6 @@ import itertools
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from sqlalchemy import func, select
 from monitor.checker import Checker, CheckerConfig
 from monitor.metrics import MonitorMetrics
 from monitor.rules import RuleConfig
-from runtime.events import ErrorCode, Event, EventType, Receipt, new_id
+from runtime.events import ErrorCode, Event, EventType, Receipt, new_id, now_us
 from runtime.lifecycle import RunLifecycle
 from runtime.store.audit import AuditStore, Batch, RunInfo
 from runtime.store.models import VerdictRow, ViolationRow
@@ -28,10 +27,6 @@ from .conftest import make_settings, serve_runtime
 
 RULES = RuleConfig(delivery_slo_s=1.0, run_timeout_s=300, stuck_grace_s=5, ack_wait_s=1)
 CONFIG = CheckerConfig(rules=RULES, settle_s=1)
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 def lifecycle(run_id: str, t0: int) -> RunLifecycle:

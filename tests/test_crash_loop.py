@@ -17,16 +17,11 @@ import pytest
 from monitor.report import judge_runs
 from monitor.rules import RuleConfig
 from runtime.client import RunwatchClient, RunwatchError
-from runtime.events import Event
+from runtime.events import Event, now_us
 from runtime.store.audit import AuditStore
 
 from .conftest import JWT_SECRET, make_token, sqlite_url, start_server_process, wait_until
 from .invariants import assert_valid
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
-
 
 KILLS = int(os.environ.get("RUNWATCH_CRASH_LOOP_KILLS", "20"))
 #: Seeds the kill moments and each client's prompts and pauses; printed, so a failing loop

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from runtime.events import ErrorCode, Event, EventType, Receipt, new_id
+from runtime.events import ErrorCode, Event, EventType, Receipt, new_id, now_us
 from runtime.lifecycle import RunLifecycle
 from runtime.metrics import RuntimeMetrics
 from runtime.pipeline import Emitted
@@ -36,10 +35,6 @@ from runtime.store.monitoring import (
     ViolationRecord,
 )
 from runtime.store.writer import AuditWriter, DeliveryLog
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 def run_info(user: str = "alice", msg: str | None = None, thread: str | None = None) -> RunInfo:
