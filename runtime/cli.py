@@ -135,7 +135,11 @@ class _Server(uvicorn.Server):
         if self.started and sockets:
             host, port = sockets[0].getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
-            print(f"runwatch: listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+            # One write for the whole line: print() writes the text and its newline apart, and
+            # a log line from another thread (aiosqlite's, at debug) could land in between and
+            # run into the port number.
+            sys.stderr.write(f"runwatch: listening on http://{shown}:{port}\n")
+            sys.stderr.flush()
 
 
 class _GracefulServer(_Server):
@@ -167,11 +171,16 @@ class _GracefulServer(_Server):
             self.should_exit = True
 
 
+#: Libraries whose debug lines say nothing an operator can use (aiosqlite logs two lines per
+#: statement, about 35 a second on an idle server): kept at info when runwatch logs at debug.
+_QUIET_LIBRARIES = ("aiosqlite",)
+
+
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    value = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=value, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(value, logging.INFO))
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -350,7 +350,7 @@ def start_server_process(
         raise AssertionError(f"server exited with {proc.returncode}:\n{sp.log()}")
 
 
-_LISTENING = re.compile(r"runwatch: listening on http://\S+:(\d+)")
+_LISTENING = re.compile(r"^runwatch: listening on http://\S+:(\d+)$", re.MULTILINE)
 
 
 def _listening_port(sp: ServerProcess) -> int | None:
