@@ -17,8 +17,9 @@ The rules it holds, each tested with strings and no socket (tests/test_connectio
   A second ``connect`` later is ``invalid_message``.
 - **frame size**: a text frame over 1 MiB closes with ``1009``.
 - **bad frames**: each bad frame gets an ``error`` frame and the connection stays;
-  ``max_bad_frames`` of them in a row close with ``4400``. A frame that parses resets the count;
-  an answer such as ``not_found`` to a well-formed frame is not a bad frame.
+  ``max_bad_frames`` of them in a row close with ``4400``, after the last one's ``error``. A
+  frame that parses resets the count; an answer such as ``not_found`` to a well-formed frame is
+  not a bad frame.
 - **ack**: cumulative and clamped to the last seq written to this connection; an ack that does
   not advance does nothing; an ack of a run this connection was never sent asks the runtime
   whether the run is the user's (:class:`CheckOwner`), so a foreign run is ``not_found``.
@@ -30,6 +31,8 @@ The rules it holds, each tested with strings and no socket (tests/test_connectio
   ``resumed``, then the buffered events past the replay, then the run continues live: each
   ``seq > after_seq`` exactly once and in order.
 - **token expiry**: :meth:`token_expired` closes with ``4401``.
+- **closing**: once closed, nothing more is handled or decided; what was decided before the
+  close is still sent, then the close frame.
 
 A bad transition (an answer in the wrong state) raises :class:`InvalidState`, naming the state
 it expected and the one it found.
@@ -238,12 +241,16 @@ class ConnectionProtocol:
         self.close(CloseCode.UNAUTHORIZED)
 
     def close(self, code: int) -> None:
-        """Close (idempotent): nothing more is sent or handled; :attr:`close_code` says why."""
+        """Close (idempotent): nothing more is handled or decided; :attr:`close_code` says why.
+        What was decided before the close (the ``error`` answering the frame that closed it,
+        events already committed) is still in :meth:`data_to_send`, to be written before the
+        close frame; before ``connected`` nothing was ever meant for the peer."""
         if self.state is State.CLOSED:
             return
+        if self.state is State.CONNECTING:
+            self._outgoing.clear()
         self.state = State.CLOSED
         self.close_code = int(code)
-        self._outgoing.clear()
         self._requests.clear()
         self._buffers = None
 
@@ -295,6 +302,8 @@ class ConnectionProtocol:
 
     def follows(self, run_id: str) -> bool:
         """True when a live event of the run would reach this connection (sent or buffered)."""
+        if self.state is State.CLOSED:
+            return False
         return run_id in self.subscribed or (self._buffers is not None and run_id in self._buffers)
 
     def event_committed(self, event: Event, live: bool, text: str | None = None) -> bool:

@@ -82,7 +82,10 @@ class Hub:
         ``protocol``: the connection's rules, already past ``connect`` (a ``/ws`` tab); by
         default an open connection that carries only the runs it is given (an AG-UI stream)."""
         conns = self._by_user.setdefault(user_id, set())
-        if len(conns) >= self.max_connections_per_user:
+        # A closed connection still writing its last frames does not count towards the limit.
+        if len(conns) >= self.max_connections_per_user and (
+            sum(not c.closed for c in conns) >= self.max_connections_per_user
+        ):
             if not conns:
                 del self._by_user[user_id]
             return None

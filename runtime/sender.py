@@ -7,7 +7,11 @@ event written. A client that stops reading fills its queue and is closed with ``
 of holding memory or slowing anyone else down; it reconnects and resumes from the store.
 
 Whoever feeds the protocol calls :meth:`Connection.flush` afterwards, which moves what the
-protocol decided into the queue and closes the transport once the protocol has closed.
+protocol decided into the queue and closes the transport once the protocol has closed: first
+what was decided before the close is written (the ``error`` answering the 20th bad frame, the
+events of a connection whose token expired), within :data:`CLOSE_TIMEOUT_S`, then the close
+frame. A slow consumer's queue and a gone socket's are dropped at once, and what they held
+counts as not delivered.
 """
 
 from __future__ import annotations
@@ -117,25 +121,29 @@ class Connection:
     # ---- enqueueing ---------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Queue what the protocol decided; close the transport once the protocol closed."""
+        """Queue what the protocol decided; once the protocol closed, write what it decided
+        before the close, then close the transport."""
         protocol = self.protocol
         for item in protocol.data_to_send():
             self._enqueue(item)
         if protocol.closed and self._closing is None and protocol.close_code is not None:
-            self._closed(protocol.close_code, send=True)
+            self._closed(protocol.close_code, send=True, drain=True)
 
     def _enqueue(self, item: Outgoing) -> None:
-        if self.protocol.closed:
+        if self._closing is not None:
+            # The close began and dropped the queue: this is not delivered either.
+            self._drop(item)
             return
         size = len(item.text)
         queue = self._queue
         if queue is None:
             queue = self._queue = deque()
         if self.queued_bytes + size > self.max_queue_bytes and queue:
-            # The client is not reading: close it rather than buffer without bound.
-            if item.event is not None:
-                self.dropped[item.event.run_id] = item.event.seq
-            self.close(CloseCode.SLOW_CONSUMER)
+            # The client is not reading: close it rather than buffer without bound (a close
+            # the protocol already decided keeps its code).
+            self._drop(item)
+            self.protocol.close(CloseCode.SLOW_CONSUMER)
+            self._closed(self.protocol.close_code or CloseCode.SLOW_CONSUMER, send=True)
             return
         self.queued_bytes += size
         queue.append(item)
@@ -207,22 +215,22 @@ class Connection:
     # ---- closing ------------------------------------------------------------------------
 
     def close(self, code: int, *, send: bool = True) -> None:
-        """Close the connection (idempotent); the socket close happens in the background.
-        ``send=False``: the socket is already gone, no close frame is written."""
-        if self.protocol.closed:
+        """Close the connection (idempotent; the first code stays). The close happens in the
+        background: what was already decided is written first, then the close frame.
+        ``send=False``: the socket is already gone, nothing more is written."""
+        if self._closing is not None:
             return
         self.protocol.close(code)
-        self._closed(code, send=send)
+        if send:
+            self.flush()
+        else:
+            self._closed(self.protocol.close_code or code, send=False)
 
-    def _closed(self, code: int, *, send: bool) -> None:
-        # Events queued for this connection and never written count as not delivered too.
-        for item in self._queue or ():
-            if item.event is not None and item.event.seq > self.dropped.get(item.event.run_id, 0):
-                self.dropped[item.event.run_id] = item.event.seq
-        if self._queue is not None:
-            self._queue.clear()
-        self.queued_bytes = 0
-        self._wake()
+    def _closed(self, code: int, *, send: bool, drain: bool = False) -> None:
+        if send and drain and self._queue:
+            self._closing = asyncio.create_task(self._drain_then_close(code))
+            return
+        self._drop_queue()
         if self._sender is not None and self._sender is not asyncio.current_task():
             self._sender.cancel()
         if send:
@@ -231,6 +239,35 @@ class Connection:
             done = asyncio.get_running_loop().create_future()
             done.set_result(None)
             self._closing = done
+
+    def _drop(self, item: Outgoing) -> None:
+        """``item`` is never written: an event in it counts as not delivered."""
+        event = item.event
+        if event is not None and event.seq > self.dropped.get(event.run_id, 0):
+            self.dropped[event.run_id] = event.seq
+
+    def _drop_queue(self) -> None:
+        for item in self._queue or ():
+            self._drop(item)
+        if self._queue is not None:
+            self._queue.clear()
+        self.queued_bytes = 0
+        self._wake()
+
+    async def _drain_then_close(self, code: int) -> None:
+        """Write what is queued (bounded by :data:`CLOSE_TIMEOUT_S`), then the close frame."""
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                while self._queue and self._sender is not None:
+                    await self._wait_change()
+        except TimeoutError:
+            log.info(
+                "connection %s did not read its last frames within %ss", self.id, CLOSE_TIMEOUT_S
+            )
+        self._drop_queue()
+        if self._sender is not None:
+            self._sender.cancel()
+        await self._close_transport(code)
 
     async def _close_transport(self, code: int) -> None:
         reason = _reason(code)

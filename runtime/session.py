@@ -214,9 +214,13 @@ class Session:
             expiry.cancel()
             code = conn.close_code if conn.close_code is not None else self.peer_close_code
             conn.close(code, send=False)
-            server.hub.remove(conn, code)
-            server.deliveries.connection_closed(ConnectionClose(conn.id, now_us(), int(code)))
-            await conn.wait_closed()
+            # What the connection still writes before its close frame counts as sent when the
+            # hub settles what it was sent and nobody acknowledged.
+            try:
+                await conn.wait_closed()
+            finally:
+                server.hub.remove(conn, code)
+                server.deliveries.connection_closed(ConnectionClose(conn.id, now_us(), int(code)))
 
     def _expired(self) -> None:
         self.conn.protocol.token_expired()

@@ -228,9 +228,13 @@ def test_bad_frames_in_a_row_close_4400_and_a_good_one_resets_the_count() -> Non
     assert codes == ["invalid_json", "invalid_json", None, "unknown_type", "invalid_message"]
     p.receive_frame("{")
     assert p.close_code == CloseCode.PROTOCOL_VIOLATION
-    # The last error is still counted, though its frame is never written.
+    # The frame that closed the connection is answered too, before the close frame.
     assert p.errors_sent()[-1] == ProtocolErrorCode.INVALID_JSON
-    assert p.data_to_send() == []
+    assert [f["code"] for f in frames(p.data_to_send())] == ["invalid_json"]
+    # Nothing after it is handled or answered.
+    p.receive_frame("{")
+    p.receive_frame(Ping().serialize())
+    assert p.data_to_send() == [] and p.requests_received() == []
 
 
 def test_answers_to_good_frames_are_not_bad_frames() -> None:
@@ -345,11 +349,23 @@ def test_an_aborted_resume_holds_nothing_and_follows_nothing() -> None:
 def test_token_expiry_closes_4401_and_nothing_more_is_handled() -> None:
     p = open_protocol()
     p.run_started(RUN)
-    p.token_expired()
-    assert p.close_code == CloseCode.UNAUTHORIZED
-    p.receive_frame(Ping().serialize())
     p.event_committed(event(1), live=True)
+    p.token_expired()
+    assert p.close_code == CloseCode.UNAUTHORIZED and not p.follows(RUN)
+    p.receive_frame(Ping().serialize())
+    p.event_committed(event(2), live=True)
+    # Committed before the expiry: still written, before the close frame; nothing after.
+    assert [(f["run_id"], f["seq"]) for f in frames(p.data_to_send())] == [(RUN, 1)]
     assert p.data_to_send() == [] and p.requests_received() == []
+
+
+def test_a_close_before_connected_sends_nothing() -> None:
+    p = ConnectionProtocol()
+    p.receive_frame(Connect("t").serialize())
+    p.run_started(RUN)
+    p.event_committed(event(1), live=True)  # a run that started while the connect was checked
+    p.refuse(CloseCode.UNAUTHORIZED)
+    assert p.data_to_send() == []
 
 
 def test_close_is_idempotent_and_keeps_the_first_code() -> None:

@@ -190,6 +190,58 @@ async def test_a_protocol_close_closes_the_transport_once() -> None:
     assert conn.close_code == CloseCode.PROTOCOL_VIOLATION
 
 
+async def test_a_protocol_close_writes_every_answer_decided_before_it() -> None:
+    # A burst of bad frames faster than the socket writes: every error is written, the last
+    # one too, then the close frame.
+    w = World()
+    transport = MemoryTransport()
+    conn = w.connect("alice", transport)
+    assert conn is not None
+    transport.block.clear()
+    for _ in range(25):
+        conn.protocol.receive_frame("not json")
+        conn.flush()
+    assert conn.close_code == CloseCode.PROTOCOL_VIOLATION and transport.closed is None
+    transport.block.set()
+    await conn.wait_closed()
+    codes = [f.get("code") for f in transport.frames()[1:]]
+    assert codes == ["invalid_json"] * 20
+    assert transport.closed is not None and transport.closed[0] == CloseCode.PROTOCOL_VIOLATION
+
+
+async def test_events_written_while_closing_count_as_sent_and_the_rest_as_dropped() -> None:
+    w = World()
+    transport = MemoryTransport()
+    conn = w.connect("alice", transport)
+    assert conn is not None
+    w.hub.run_started("R1", "alice")
+    transport.block.clear()
+    for seq in (1, 2, 3):
+        w.hub.publish(event("R1", seq), "alice", live=True)
+    conn.protocol.token_expired()
+    conn.flush()
+    assert not w.hub.watched_here("R1", "alice")  # closing: no longer a live watcher
+    transport.block.set()
+    await conn.wait_closed()
+    assert conn.protocol.sent["R1"] == 3 and not conn.dropped
+    assert transport.closed is not None and transport.closed[0] == CloseCode.UNAUTHORIZED
+    w.hub.remove(conn, CloseCode.UNAUTHORIZED)
+    assert w.sample("runwatch_event_delivery_failures_total", reason="token_expired") == 3
+
+
+async def test_a_closing_connection_does_not_count_towards_the_limit() -> None:
+    w = World(max_connections_per_user=1)
+    transport = MemoryTransport()
+    old = w.connect("dave", transport)
+    assert old is not None
+    transport.block.clear()  # still writing its last frames
+    old.protocol.receive_frame("{")
+    old.close(CloseCode.INTERNAL_ERROR)
+    assert w.connect("dave") is not None
+    transport.block.set()
+    await old.wait_closed()
+
+
 async def test_watched_here_follows_subscriptions_and_resumes() -> None:
     w = World()
     conn = w.connect("alice")
