@@ -1,4 +1,4 @@
-"""Monitor metrics (SPEC section 6), built on an injected ``CollectorRegistry``.
+"""Monitor metrics (docs/metrics.md), built on an injected ``CollectorRegistry``.
 
 Every monitor series is named ``runwatch_monitor_*``, so where the monitor runs inside
 ``runwatch serve`` its series stay apart from the runtime's on the one ``/metrics``;

@@ -66,7 +66,7 @@ def parse_duration(text: str) -> float:
 
 #: The entry point group through which packages add verbs to ``runwatch``.
 EXTENSION_GROUP = "runwatch.cli"
-#: The extension ``runwatch serve`` embeds beside the runtime (SPEC: the embedded default).
+#: The extension ``runwatch serve`` embeds beside the runtime (the embedded default).
 EMBEDDED = "monitor"
 
 
@@ -202,7 +202,7 @@ def existing_store(settings: Settings) -> str | None:
 
 
 def _listen(host: str, port: int) -> socket.socket | None:
-    """Bind the listening socket before anything else happens (SPEC section 9): a second
+    """Bind the listening socket before anything else happens (docs/operations.md): a second
     server on a taken port stops here, before it touches the store."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

@@ -19,7 +19,7 @@ from .metrics import DELIVERY_SLO_S
 __all__ = ["LOG_LEVELS", "SUPPORTED_DRIVERS", "ConfigError", "Settings", "sqlite_path"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-#: SQLAlchemy async drivers the audit store runs on (SPEC section 5).
+#: SQLAlchemy async drivers the audit store runs on (docs/architecture.md).
 SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
@@ -66,7 +66,7 @@ def _check_database_url(raw: str) -> None:
 
 
 def _default_instance() -> str:
-    """Unique per process (SPEC section 9: two live processes never share an instance id):
+    """Unique per process (docs/operations.md: two live processes never share an instance id):
     host name, pid and a random suffix, since a restarted container may get the same pid."""
     return f"{socket.gethostname() or 'runwatch'}-{os.getpid()}-{secrets.token_hex(2)}"
 

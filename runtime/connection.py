@@ -1,4 +1,4 @@
-"""The rules of one client connection, as a sans-I/O state machine (SPEC section 3).
+"""The rules of one client connection, as a sans-I/O state machine (docs/protocol.md).
 
 :class:`ConnectionProtocol` never touches a socket, a clock or the store. The I/O around it
 (``session.py`` for ``/ws``, ``agui/stream.py`` for an AG-UI stream) feeds it what happened and
@@ -209,7 +209,7 @@ class ConnectionProtocol:
             if isinstance(frame, Connect):
                 self._requests.append(frame)
             else:
-                # Nothing is handled before the handshake (SPEC 3): unauthorized.
+                # Nothing is handled before the handshake (docs/protocol.md): unauthorized.
                 self.close(CloseCode.UNAUTHORIZED)
             return
         if isinstance(frame, FrameError):

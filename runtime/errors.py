@@ -291,7 +291,7 @@ class LLMConfigError(LLMError):
 
 
 class ProtocolError(RunwatchError):
-    """A client connection was driven against its rules (SPEC section 3)."""
+    """A client connection was driven against its rules (docs/protocol.md)."""
 
 
 class InvalidFrame(ProtocolError):

@@ -35,7 +35,7 @@ __all__ = [
 
 
 class EventType(StrEnum):
-    """Lifecycle event types (SPEC section 2)."""
+    """Lifecycle event types (docs/events.md)."""
 
     AGENT_STARTED = "agent_started"
     AGENT_THINKING = "agent_thinking"

@@ -1,4 +1,4 @@
-"""Instance ownership (SPEC section 9): one live process per instance id, and every run ends
+"""Instance ownership (docs/operations.md): one live process per instance id, and every run ends
 even when its replica never returns (I8).
 
 A runtime holds a lease on its instance id in the audit store (``instance_leases``) before it

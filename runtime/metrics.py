@@ -1,4 +1,4 @@
-"""Runtime metrics (SPEC section 6), built on an injected ``CollectorRegistry``.
+"""Runtime metrics (docs/metrics.md), built on an injected ``CollectorRegistry``.
 
 Names, labels and units are part of the contract: dashboards and alert rules query them.
 No user, run, thread or connection id is ever a label.
@@ -53,7 +53,7 @@ RUN_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TOOL_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
-# The closed label sets (SPEC section 6). A value used in code and missing here would be born
+# The closed label sets (docs/metrics.md). A value used in code and missing here would be born
 # at 1 and hide its first occurrence; tests/test_metrics_zero.py checks the code against them.
 
 #: ``type``: the event types.

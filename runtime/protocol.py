@@ -1,7 +1,7 @@
-"""The wire protocol of ``/ws`` (SPEC section 3), as pure code: frames in, frames out.
+"""The wire protocol of ``/ws`` (docs/protocol.md), as pure code: frames in, frames out.
 
 Client frames are parsed into frozen dataclasses by :func:`parse_client_frame`, which never
-raises for bad input: it returns a :class:`FrameError` carrying the SPEC error code (or the
+raises for bad input: it returns a :class:`FrameError` carrying the protocol's error code (or the
 close code when the frame must end the connection). Server frames are built by the ``*_frame``
 functions, which return plain dicts ready for JSON.
 
@@ -263,7 +263,7 @@ def parse_client_frame(text: str | bytes) -> ClientFrame | FrameError:
     ref = _ref_of(obj)
     poisoned = poisoned_field(obj)
     if poisoned is not None:
-        # No client input reaches the store, or a socket, that they cannot hold (SPEC 3).
+        # No client input reaches the store, or a socket, that they cannot hold (docs/protocol.md).
         return FrameError(
             ProtocolErrorCode.INVALID_MESSAGE,
             f"'{poisoned}' contains a NUL character or a lone UTF-16 surrogate",

@@ -1,6 +1,6 @@
 """What a user can do with runs, whatever the transport: chat, resume, cancel, acknowledge.
 
-:class:`RunService` holds the rules of SPEC section 3 that are about runs rather than frames:
+:class:`RunService` holds the rules of docs/protocol.md that are about runs rather than frames:
 idempotent ``chat`` by ``client_msg_id`` (a refused chat does not use up its id), the chat rate,
 ownership (anything naming another user's run or thread is ``not_found``, the same answer as
 "no such run", so existence never leaks: I7), the resume splice (replay from the store, then

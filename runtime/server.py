@@ -102,7 +102,7 @@ class Runtime:
             self.store, settings.instance_id, ttl_s=settings.lease_ttl_s, registry=self.registry
         )
         self.deliveries = deliveries = DeliveryLog()
-        # Traces (SPEC section 11): None unless OTEL_EXPORTER_OTLP_* is set.
+        # Traces (docs/tracing.md): None unless OTEL_EXPORTER_OTLP_* is set.
         self.tracer = tracer = build_tracer(settings, TraceMetrics(self.registry))
         self.broker = (
             RedisBroker(settings.redis_url, settings.instance_id, channel=settings.redis_channel)
@@ -218,7 +218,7 @@ class Runtime:
         await self.lease.reap(self._take_over, only=instance_id)
 
     async def start(self) -> None:
-        # SPEC section 9: the port is bound (runwatch's CLI binds it before the app starts),
+        # docs/operations.md: the port is bound (runwatch's CLI binds it before the app starts),
         # then the instance lease is held, and only then is anything recovered.
         if not self.lease.held:
             await self.lease.acquire()
@@ -244,7 +244,7 @@ class Runtime:
             self.delivery.sweep()
 
     async def shutdown(self, drain_s: float | None = None) -> None:
-        """Graceful stop (SPEC section 9): stop accepting, let runs finish for ``drain_s``, end
+        """Graceful stop (docs/operations.md): stop accepting, let runs finish for ``drain_s``, end
         the rest with ``runtime_restarted``, flush the store, close sockets with 1012."""
         if self._stopped:
             return

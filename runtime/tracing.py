@@ -1,4 +1,4 @@
-"""OpenTelemetry traces of runs, following the GenAI semantic conventions (SPEC section 11).
+"""OpenTelemetry traces of runs, following the GenAI semantic conventions (docs/tracing.md).
 
 With ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` set, every run that
 executes on this replica becomes one trace (docs/tracing.md)::

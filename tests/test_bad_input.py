@@ -1,4 +1,4 @@
-"""Bad input gets its SPEC code, and the server keeps serving."""
+"""Bad input gets its protocol error or close code, and the server keeps serving."""
 
 from __future__ import annotations
 

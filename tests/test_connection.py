@@ -1,4 +1,4 @@
-"""Every rule of one connection (SPEC section 3), tested on the sans-I/O protocol: strings in,
+"""Every rule of one connection (docs/protocol.md), tested on the sans-I/O protocol: strings in,
 frames and requests out, no socket."""
 
 from __future__ import annotations

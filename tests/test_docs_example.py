@@ -82,3 +82,18 @@ async def test_readme_protocol_example_matches_the_server(live: LiveServer) -> N
             assert {k: v for k, v in doc["data"].items() if k != "duration_ms"} == untimed
         if doc["type"] == "agent_thinking":
             assert doc["data"] == real["data"]
+
+
+def test_the_events_page_lists_every_type_and_error_code() -> None:
+    """``docs/events.md`` names every event type and every ``agent_error`` code, each with the
+    ``retryable`` value the runtime sends."""
+    from runtime.events import ErrorCode, EventType
+
+    page = (README.parent / "docs" / "events.md").read_text(encoding="utf-8")
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| (.*) \|$", page, re.M)}
+    for kind in EventType:
+        assert kind.value in rows, f"docs/events.md does not list {kind.value}"
+    for code in ErrorCode:
+        assert code.value in rows, f"docs/events.md does not list agent_error code {code.value}"
+        retryable = rows[code.value].rsplit("|", 1)[-1].strip()
+        assert retryable == str(code.retryable).lower(), (code.value, retryable)

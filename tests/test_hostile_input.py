@@ -130,7 +130,7 @@ async def test_ten_thousand_hostile_frames(live: LiveServer) -> None:
         pong = asyncio.ensure_future(ws.pongs.get())  # type: ignore[attr-defined]
         await asyncio.wait([pong, reader], timeout=10, return_when=asyncio.FIRST_COMPLETED)
         if not pong.done():
-            # No pong: only because the server closed the connection, with a SPEC code.
+            # No pong: only because the server closed the connection, with a protocol close code.
             pong.cancel()
             await reader
             assert closed_with(ws) in (4400, 1009), closed_with(ws)

@@ -1,4 +1,4 @@
-"""Instance ownership (SPEC section 9; issue #11 items 2 and 3): one live process per instance
+"""Instance ownership (docs/operations.md; issue #11 items 2 and 3): one live process per instance
 id, the port bound before the lease and the lease before recovery, and a dead replica's open
 runs ended exactly once by a survivor."""
 

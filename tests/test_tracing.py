@@ -1,4 +1,4 @@
-"""Traces of runs (SPEC section 11): a real OTLP/HTTP receiver on loopback decodes what the
+"""Traces of runs (docs/tracing.md): a real OTLP/HTTP receiver on loopback decodes what the
 runtime exports; the span plans and the id mapping are tested as pure code."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""User agents and tools (SPEC section 4): ``--agent`` and ``--tool`` from the current
+"""User agents and tools (docs/agents.md): ``--agent`` and ``--tool`` from the current
 directory, tools described by a plain function's docstring and annotations."""
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""The ``demo`` agent: offline and deterministic, with real tools (SPEC section 4).
+"""The ``demo`` agent: offline and deterministic, with real tools (docs/agents.md).
 
 When a message matches several behaviours, the first of this order wins:
 crash, fail tool, wait, arithmetic, time, search.
 
 Every answer is streamed: :func:`stream_answer` sends it as ``text_delta`` chunks of a few words,
 paced like a model's tokens, and returns it whole, so the final report is exactly the
-concatenation of the deltas (SPEC section 2). Answers are short Markdown.
+concatenation of the deltas (docs/events.md). Answers are short Markdown.
 """
 
 from __future__ import annotations

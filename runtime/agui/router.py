@@ -1,4 +1,4 @@
-"""``POST /agui``, ``POST /agui/connect`` and ``POST /agui/cancel`` (SPEC section 10).
+"""``POST /agui``, ``POST /agui/connect`` and ``POST /agui/cancel`` (docs/agui.md).
 
 Authenticated like ``/ws`` (``Authorization: Bearer <JWT>``). A run started here is the same
 run as any other: :class:`~runtime.runs.RunService` starts, resumes and cancels it, the hub
@@ -60,7 +60,7 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
 
 
 def _storable(text: str) -> bool:
-    # What the store cannot hold never reaches it (SPEC section 3, frame rules).
+    # What the store cannot hold never reaches it (docs/protocol.md, frame rules).
     return "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text)
 
 

@@ -1,6 +1,6 @@
 // runwatch chat page: plain JavaScript, no framework, no build step, no network beyond this server.
 //
-// It speaks the /ws protocol (SPEC section 3): `connect` first, then `chat` → `run_accepted` and
+// It speaks the /ws protocol (docs/protocol.md): `connect` first, then `chat` → `run_accepted` and
 // the run's events; a cumulative `ack` per run shortly after each event (acks measure delivery
 // latency); `resume` of every unfinished run after a reconnect; `cancel`; `ping` every
 // `heartbeat_s`. Events are de-duplicated by (run_id, seq) and rendered strictly in seq order.

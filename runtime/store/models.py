@@ -139,7 +139,7 @@ class ConnectionRow(Base):
 
 
 class InstanceLeaseRow(Base):
-    """A runtime instance's lease on its id (SPEC section 9): held by one live process, renewed
+    """A runtime instance's lease on its id (docs/operations.md): held by one live process, renewed
     before ``expires_us``. A lease that expires belongs to a dead replica: a survivor claims it
     (compare-and-set on ``holder`` and ``expires_us``), ends its open runs, and deletes it."""
 
