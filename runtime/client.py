@@ -24,10 +24,15 @@ Exceptions (defined in :mod:`runtime.errors`, the package's one tree)::
     RunwatchError            the root of every runwatch exception
      +-- ServerError         an ``error`` frame (``code``, ``message``, ``ref``)
      +-- ConnectionClosed    the server closed the socket and the client will not reconnect
+     +-- ConnectFailed       the server could not be reached, refused the WebSocket handshake
+                             or sent no ``connected`` in time (also an ``OSError``)
 
 ``ServerError`` was called ``RunwatchError`` before runwatch had one exception tree: the root
 took the name, so ``except RunwatchError`` still catches error frames (and now also
-``ConnectionClosed``); code that reads ``.code``/``.ref`` should catch ``ServerError``.
+``ConnectionClosed`` and ``ConnectFailed``); code that reads ``.code``/``.ref`` should catch
+``ServerError``. Once connected, a dropped socket is never raised: the client reconnects (each
+failed try logged at debug) until :meth:`RunwatchClient.close`, or gives up with
+``ConnectionClosed`` when the server closed it for good.
 """
 
 from __future__ import annotations
@@ -37,23 +42,33 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import random
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed as _WsClosed
 
-from .errors import ConnectionClosed, RunwatchError, ServerError
+from .errors import ConnectFailed, ConnectionClosed, RunwatchError, ServerError
 from .events import Event
 from .protocol import Ack, Cancel, Chat, ClientFrame, CloseCode, Connect, Ping, Resume
 from .tasks import stop_task
 
-__all__ = ["ConnectionClosed", "Run", "RunwatchClient", "RunwatchError", "ServerError"]
+__all__ = [
+    "ConnectFailed",
+    "ConnectionClosed",
+    "Run",
+    "RunwatchClient",
+    "RunwatchError",
+    "ServerError",
+]
 
 log = logging.getLogger("runwatch.client")
 
@@ -151,6 +166,20 @@ class Run:
         return await asyncio.wait_for(_collect(), timeout)
 
 
+def _os_reason(exc: OSError) -> str:
+    """What the OS said, in its own words ("Connection refused", "Name or service not known")."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return os.strerror(exc.errno)
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without user info or query string: safe to put in an exception or a log."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 class RunwatchClient:
     """A reconnecting client for ``/ws``. ``token`` is a string or an async function returning
     a fresh one (called again after a ``4401`` close)."""
@@ -210,21 +239,45 @@ class RunwatchClient:
         return self._token if isinstance(self._token, str) else await self._token()
 
     async def _open(self) -> dict[str, Any]:
-        ws = await websockets.connect(
-            self.url, open_timeout=self.open_timeout_s, max_size=None, ping_interval=20
-        )
+        """Open the socket and authenticate. The library's and the OS's failures become
+        :class:`ConnectFailed` (or :class:`ConnectionClosed` when the server closed it)."""
+        where = _safe_url(self.url)
+        try:
+            ws = await websockets.connect(
+                self.url, open_timeout=self.open_timeout_s, max_size=None, ping_interval=20
+            )
+        except websockets.InvalidURI as exc:
+            raise ConnectFailed(where, "not a ws:// or wss:// URL") from exc
+        except websockets.InvalidStatus as exc:
+            status = exc.response.status_code
+            raise ConnectFailed(
+                where, f"the server answered HTTP {status}, not a WebSocket"
+            ) from exc
+        except websockets.InvalidHandshake as exc:
+            raise ConnectFailed(where, f"the WebSocket handshake failed ({exc})") from exc
+        except TimeoutError as exc:
+            raise ConnectFailed(where, f"no handshake within {self.open_timeout_s}s") from exc
+        except OSError as exc:
+            raise ConnectFailed(where, _os_reason(exc)) from exc
         try:
             await ws.send(Connect(await self._get_token(), self.client_name).serialize())
             first = json.loads(await asyncio.wait_for(ws.recv(), self.open_timeout_s))
         except _WsClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
             raise ConnectionClosed(code, exc.rcvd.reason if exc.rcvd else "") from None
+        except TimeoutError as exc:
+            await ws.close()
+            raise ConnectFailed(where, f"no connected frame within {self.open_timeout_s}s") from exc
+        except ValueError as exc:
+            await ws.close()
+            raise ConnectFailed(where, "the server's first frame is not JSON") from exc
         except BaseException:
             await ws.close()
             raise
-        if first.get("type") != "connected":
+        if not isinstance(first, dict) or first.get("type") != "connected":
             await ws.close()
-            raise ConnectionClosed(None, f"expected connected, got {first.get('type')!r}")
+            got = first.get("type") if isinstance(first, dict) else type(first).__name__
+            raise ConnectionClosed(None, f"expected connected, got {got!r}")
         self._ws = ws
         self._opened_at = time.monotonic()
         self.connected_info = first
@@ -358,11 +411,15 @@ class RunwatchClient:
                 backoff = min(backoff * 2, self.max_backoff_s)
                 try:
                     await self._open()
-                except (OSError, TimeoutError, ConnectionClosed, _WsClosed) as exc:
-                    log.debug("reconnect failed: %r", exc)
+                except ConnectionClosed as exc:
+                    if exc.code == CloseCode.UNAUTHORIZED and isinstance(self._token, str):
+                        # A fixed token the server refuses now will be refused again.
+                        await self._give_up(exc)
+                        return
+                    log.debug("reconnect failed: %s", exc)
                     continue
-                except websockets.InvalidHandshake as exc:
-                    log.debug("reconnect failed: %r", exc)
+                except (ConnectFailed, _WsClosed) as exc:
+                    log.debug("reconnect failed: %s", exc)
                     continue
                 break
             if self._closing:

@@ -47,7 +47,9 @@ Exceptions::
      +-- ServerError                SDK: the server answered with an ``error`` frame (code,
      |                              message, ref)
      +-- ConnectionClosed           SDK: the connection closed for good, no reconnect (code,
-                                    reason)
+     |                              reason)
+     +-- ConnectFailed              SDK: the server could not be reached or did not speak the
+                                    protocol (url, reason); also an OSError
 
 ``ServerError`` was called ``RunwatchError`` in the SDK before the tree existed; the root took
 the name, so ``except RunwatchError`` in client code still catches error frames (and now also
@@ -65,6 +67,7 @@ __all__ = [
     "AuthError",
     "CalculatorError",
     "ConfigError",
+    "ConnectFailed",
     "ConnectionClosed",
     "InvalidFrame",
     "InvalidState",
@@ -346,3 +349,17 @@ class ConnectionClosed(RunwatchError):
 
     def __str__(self) -> str:
         return f"connection closed: {self.code} ({self.reason or 'no reason'})"
+
+
+class ConnectFailed(RunwatchError, OSError):
+    """The SDK could not open a connection: the server is down or unreachable, the handshake was
+    refused (not a runwatch ``/ws``), or no ``connected`` frame came in time. ``url`` is where it
+    tried (without credentials) and ``reason`` what went wrong; the cause is chained."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot connect to {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot connect to {self.url}: {self.reason}"

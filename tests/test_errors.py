@@ -9,12 +9,14 @@ failing ``on_stop`` hook is logged and the others still run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import inspect
 import logging
 import pkgutil
 import re
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -24,11 +26,13 @@ import pytest
 import runtime
 from runtime import errors
 from runtime.auth import TokenAuthority
+from runtime.client import RunwatchClient
 from runtime.client import RunwatchError as ClientRoot
 from runtime.errors import (
     AuthError,
     CalculatorError,
     ConfigError,
+    ConnectFailed,
     ConnectionClosed,
     JournalError,
     JournalFull,
@@ -179,6 +183,10 @@ RENDERED = [
     (ServerError("not_found", "no such run", "run-1"), "not_found: no such run"),
     (ConnectionClosed(4401, "unauthorized"), "connection closed: 4401 (unauthorized)"),
     (ConnectionClosed(None), "connection closed: None (no reason)"),
+    (
+        ConnectFailed("ws://127.0.0.1:8000/ws", "Connection refused"),
+        "cannot connect to ws://127.0.0.1:8000/ws: Connection refused",
+    ),
 ]
 
 
@@ -207,6 +215,64 @@ async def test_the_sdk_raises_error_frames_as_server_errors(live: LiveServer) ->
         await client.chat("hi", agent="no-such-agent")
     assert isinstance(refused.value, ServerError)
     assert refused.value.code == "unknown_agent" and refused.value.ref is not None
+
+
+async def _refused_port() -> int:
+    """A port bound but not listening: a connection to it is refused at once."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    _REFUSING.append(holder)
+    return int(holder.getsockname()[1])
+
+
+_REFUSING: list[socket.socket] = []
+
+
+async def test_the_sdk_raises_connect_failed_when_it_cannot_reach_the_server(
+    live: LiveServer,
+) -> None:
+    """Every way the first connect fails is a ``ConnectFailed`` (a ``RunwatchError`` and an
+    ``OSError``) naming where it tried, never a bare library or OS exception."""
+    refused = f"ws://user:pw@127.0.0.1:{await _refused_port()}/ws?token=secret"
+    accepted: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda _r, w: accepted.append(w), "127.0.0.1", 0)
+    silent_url = f"ws://127.0.0.1:{silent.sockets[0].getsockname()[1]}/ws"
+    cases = [
+        (refused, "Connection refused"),
+        (live.http_url.replace("http", "ws") + "/nope", "HTTP 403"),
+        (live.http_url + "/ws", "not a ws:// or wss:// URL"),
+        (silent_url, "no handshake within 0.3s"),
+    ]
+    try:
+        for url, reason in cases:
+            client = RunwatchClient(url, live.token("alice"), open_timeout_s=0.3)
+            with pytest.raises(RunwatchError) as failed:
+                await client.connect()
+            assert isinstance(failed.value, ConnectFailed) and isinstance(failed.value, OSError)
+            assert reason in str(failed.value), str(failed.value)
+            assert failed.value.__cause__ is not None
+            assert "secret" not in str(failed.value) and "pw" not in str(failed.value)
+    finally:
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+        for holder in _REFUSING:
+            holder.close()
+
+
+async def test_a_refused_fixed_token_is_not_retried_for_ever(live: LiveServer) -> None:
+    """A client whose fixed token the server refuses on a reconnect (the secret was rotated)
+    gives up with ``ConnectionClosed(4401)`` instead of reconnecting in silence."""
+    client = await live.client("alice", max_backoff_s=0.05)
+    run = await client.chat("wait 5")
+    live.rt.tokens.secret = "a-rotated-secret-of-at-least-32-bytes"
+    await client.drop()
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(10):
+            async for _ in run:
+                pass
+    assert closed.value.code == 4401
 
 
 # ---- I8: a run whose terminal event the store refuses still ends ------------------------------
