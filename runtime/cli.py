@@ -421,7 +421,8 @@ def _purge(args: argparse.Namespace) -> int:
     if missing:
         print(missing, file=sys.stderr)
         return 2
-    if args.older_than < MIN_PURGE_AGE_S and not args.force and not args.dry_run:
+    too_recent = args.older_than < MIN_PURGE_AGE_S and not args.force
+    if too_recent and not args.dry_run:
         print(
             f"runwatch: refusing to purge runs younger than 1h (--older-than "
             f"{args.older_than:g}s would delete recent runs); add --force if you mean it",
@@ -445,6 +446,13 @@ def _purge(args: argparse.Namespace) -> int:
             store=store_name(settings.database_url), **counts
         )
     )
+    if too_recent:
+        # The preview is allowed (it deletes nothing); the same command without --dry-run is not.
+        print(
+            f"runwatch: --older-than {args.older_than:g}s is under 1h: without --dry-run this "
+            "purge needs --force",
+            file=sys.stderr,
+        )
     return 0
 
 

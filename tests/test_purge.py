@@ -97,3 +97,7 @@ def test_purge_refuses_short_durations_without_force(tmp_path: Path) -> None:
     dry = _runwatch(tmp_path, url, "--older-than", "0d", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith("runwatch: would purge 0 runs") and "rw.db" in dry.stdout
+    # ... and says that the real purge would be refused.
+    assert "without --dry-run this purge needs --force" in dry.stderr
+    forced = _runwatch(tmp_path, url, "--older-than", "0d", "--dry-run", "--force")
+    assert forced.returncode == 0 and "needs --force" not in forced.stderr
