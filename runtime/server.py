@@ -8,8 +8,8 @@ app under ``runwatch serve``. Nothing is a module-level singleton, so a test bui
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -42,6 +42,7 @@ from .relay import Relay
 from .runs import RunService
 from .session import SessionConfig, SocketServer
 from .store.audit import AuditStore
+from .store.errors import StoreError
 from .store.journal import Journal
 from .store.writer import AuditWriter, DeliveryLog
 from .threads import build_threads_router
@@ -360,7 +361,10 @@ def create_app(rt: Runtime) -> FastAPI:
         writer = rt.writer.status()
         try:
             await asyncio.wait_for(rt.store.ping(), rt.store.read_timeout_s)
-        except Exception:
+        except (StoreError, TimeoutError) as exc:
+            # Info, not warning: a probe polls this every few seconds for the whole outage,
+            # which the writer and the RunwatchAuditStoreDown alert already report.
+            log.info("healthz: the audit store did not answer: %s", str(exc) or "timed out")
             body = {"status": "degraded", "store": "unavailable", "writer": writer}
             return JSONResponse(body, status_code=503)
         ok = rt.accepting and writer["state"] != "stalled"
@@ -386,12 +390,19 @@ def create_app(rt: Runtime) -> FastAPI:
     async def dev_token(request: Request) -> JSONResponse:
         if not rt.settings.dev_mode:
             raise HTTPException(status_code=404)
-        user = "dev"
-        with contextlib.suppress(Exception):
-            body = await request.json()
-            if isinstance(body, dict) and isinstance(body.get("user"), str) and body["user"]:
-                user = body["user"]
-        if not valid_user_id(user):
+        # No body, or no "user" (or an empty one): the user "dev". Anything else that is not a
+        # JSON object with a string "user" is refused rather than read as "dev".
+        raw = await request.body()
+        user: object = "dev"
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise HTTPException(status_code=400, detail="body is not JSON") from None
+            if not isinstance(body, dict):
+                raise HTTPException(status_code=400, detail='body must be {"user": "name"}')
+            user = body.get("user") or "dev"
+        if not isinstance(user, str) or not valid_user_id(user):
             raise HTTPException(status_code=400, detail="invalid user name")
         try:
             token = rt.tokens.mint(user, ttl_s=3600)

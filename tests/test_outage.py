@@ -7,10 +7,12 @@ goes on, and the journal drains into the store in order when PostgreSQL is back.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runtime.client import RunwatchClient, RunwatchError
@@ -52,7 +54,10 @@ async def _load(
 
 
 @pytest.mark.slow
-async def test_postgres_outage_under_load_loses_nothing(pg_url: str, tmp_path: Path) -> None:
+async def test_postgres_outage_under_load_loses_nothing(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "runwatch.server")
     proxy = FaultProxy("127.0.0.1", 5432)
     await proxy.start()
     url = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
@@ -83,6 +88,12 @@ async def test_postgres_outage_under_load_loses_nothing(pg_url: str, tmp_path: P
             outage_started = time.monotonic()
             await wait_until(lambda: live.metric("runwatch_audit_store_up") == 0, 20)
             await wait_until(lambda: live.metric("runwatch_audit_journal_depth") > 0, 20)
+            # Health says so, and says why in the log.
+            async with httpx.AsyncClient() as http:
+                health = await http.get(f"{live.http_url}/healthz", timeout=30)
+            assert health.status_code == 503, health.text
+            assert health.json()["store"] == "unavailable"
+            assert "healthz: the audit store did not answer" in caplog.text
             during_start = seen()
             long_run_at = len(long_run.events)
             writes_failed_at = failed_writes()

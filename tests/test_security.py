@@ -130,6 +130,16 @@ async def test_dev_token_endpoint_only_in_dev_mode(tmp_path: Path) -> None:
             assert got.status_code == 200 and got.json()["user_id"] == "alice"
             bad = await http.post(f"{dev.http_url}/dev/token", json={"user": "<script>"})
             assert bad.status_code == 400
+            # No body (or no user) is the user "dev"; a body that says something else is not.
+            empty = await http.post(f"{dev.http_url}/dev/token")
+            assert empty.status_code == 200 and empty.json()["user_id"] == "dev"
+            for body, detail in [
+                (b"user=alice", "body is not JSON"),
+                (b"[1]", 'body must be {"user": "name"}'),
+                (b'{"user": 5}', "invalid user name"),
+            ]:
+                refused = await http.post(f"{dev.http_url}/dev/token", content=body)
+                assert refused.status_code == 400 and refused.json()["detail"] == detail
     finally:
         dev.proc.send_signal(signal.SIGTERM)
         dev.proc.wait(30)
