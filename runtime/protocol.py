@@ -328,7 +328,8 @@ def connected_frame(
         "connection_id": connection_id,
         "user_id": user_id,
         "protocol": PROTOCOL_VERSION,
-        "heartbeat_s": heartbeat_s,
+        # Whole seconds are written as such (20, not 20.0), as the protocol reference shows.
+        "heartbeat_s": int(heartbeat_s) if float(heartbeat_s).is_integer() else heartbeat_s,
         "active_runs": active_runs,
     }
 

@@ -16,6 +16,7 @@ from runtime.protocol import (
     Ping,
     ProtocolErrorCode,
     Resume,
+    connected_frame,
     error_frame,
     parse_client_frame,
 )
@@ -80,6 +81,11 @@ def test_error_frame_carries_ref_only_when_given() -> None:
         "message": "no such run",
     }
     assert error_frame(ProtocolErrorCode.NOT_FOUND, "x", "r")["ref"] == "r"
+
+
+def test_connected_writes_whole_seconds_as_an_integer() -> None:
+    assert json.dumps(connected_frame("c", "u", 20.0, [])["heartbeat_s"]) == "20"
+    assert connected_frame("c", "u", 2.5, [])["heartbeat_s"] == 2.5
 
 
 def test_close_codes_are_the_spec_values() -> None:
