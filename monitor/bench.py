@@ -33,8 +33,10 @@ import contextlib
 import itertools
 import multiprocessing
 import multiprocessing.synchronize
+import queue
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -278,8 +280,10 @@ class _Load:
 
     def finish(self) -> None:
         self.stop.set()
-        with contextlib.suppress(Exception):
+        try:
             self.runs, self.events = self.out.get(timeout=90)
+        except queue.Empty:
+            print("bench: a load process sent no counts within 90 s", file=sys.stderr)
 
 
 def _counter(http_url: str, name: str) -> float:

@@ -114,9 +114,12 @@ class RedisBroker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                self._pubsub.connection.deregister_connect_callback(self._reconnected)
+            try:
+                if self._pubsub.connection is not None:
+                    self._pubsub.connection.deregister_connect_callback(self._reconnected)
                 await self._pubsub.aclose()
+            except (aioredis.RedisError, OSError) as exc:
+                log.info("redis subscription did not close cleanly: %s", exc)
         for client in (self._redis, self._sub):
             if client is not None:
                 await client.aclose()
@@ -211,8 +214,11 @@ class RedisBroker:
             except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
                 log.warning("redis subscription failed (%s); reconnecting", exc)
                 await asyncio.sleep(0.5)
-                with contextlib.suppress(Exception):
+                try:
                     await pubsub.subscribe(self.channel)
+                except (aioredis.RedisError, OSError) as again:
+                    # The next read fails too and comes back here, with a warning.
+                    log.info("redis resubscribe failed: %s", again)
                 continue
             if message is None or message.get("type") != "message":
                 continue
