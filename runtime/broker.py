@@ -18,6 +18,11 @@ its publisher's counter ``n``, and the subscriber connection is named
 (``runwatch-sub:<instance>``, ``CLIENT LIST`` shows it). A replica that re-establishes its
 subscription, or sees a publisher's counter jump, tells its inbound (``lost``), which
 resynchronises the runs it relays from the audit store (:mod:`runtime.relay`).
+
+While Redis is unreachable, messages wait in a bounded outbox (``OUTBOX_LIMIT``), and the
+publisher retries with backoff. Past the bound the oldest are dropped and counted
+(``runwatch_fanout_dropped_total``): their counters are then missing, which the other replicas see
+as a jump and repair from the store, as for any other loss. A long outage costs bounded memory.
 """
 
 from __future__ import annotations
@@ -31,16 +36,40 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .events import Event, now_us
 from .pipeline import Emitted
 
-__all__ = ["BrokerInbound", "RedisBroker"]
+__all__ = ["BrokerInbound", "BrokerMetrics", "RedisBroker"]
 
 log = logging.getLogger("runwatch.broker")
 
 PRESENCE_EVERY_S = 5.0
 PRESENCE_TTL_S = 20.0
+#: Messages held for Redis while it is unreachable; past it the oldest are dropped.
+OUTBOX_LIMIT = 50_000
+#: The first and longest pause between publish retries while Redis is unreachable, and how
+#: often a failing publisher says so.
+PUBLISH_RETRY_S = (0.1, 2.0)
+PUBLISH_LOG_EVERY_S = 30.0
+
+
+class BrokerMetrics:
+    """The publisher's metrics, registered whether or not Redis is configured (at 0)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.outbox_depth = Gauge(
+            "runwatch_fanout_outbox_depth",
+            "Cross-replica fan-out messages waiting to be published to Redis.",
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "runwatch_fanout_dropped_total",
+            "Fan-out messages dropped unpublished because the outbox was full (Redis "
+            "unreachable); the other replicas repair the gap from the audit store.",
+            registry=registry,
+        )
 
 
 class BrokerInbound(Protocol):
@@ -62,13 +91,24 @@ class BrokerInbound(Protocol):
 class RedisBroker:
     """Publishes this replica's fan-out and applies the other replicas'."""
 
-    def __init__(self, url: str, instance_id: str, channel: str = "runwatch:fanout") -> None:
+    def __init__(
+        self,
+        url: str,
+        instance_id: str,
+        channel: str = "runwatch:fanout",
+        *,
+        metrics: BrokerMetrics | None = None,
+        outbox_limit: int = OUTBOX_LIMIT,
+    ) -> None:
         self.url = url
         self.channel = channel
         self.instance = instance_id
+        self.metrics = metrics if metrics is not None else BrokerMetrics()
+        self.outbox_limit = max(1, outbox_limit)
         self._inbound: BrokerInbound | None = None
         self._redis: aioredis.Redis | None = None
         self._outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.metrics.outbox_depth.set_function(self._outbox.qsize)
         self._tasks: list[asyncio.Task[None]] = []
         #: user -> {instance: last seen (monotonic)} for users with connections elsewhere.
         self._remote: dict[str, dict[str, float]] = {}
@@ -77,10 +117,14 @@ class RedisBroker:
         self._n = 0
         #: instance -> the last message counter heard from it.
         self._heard: dict[str, int] = {}
-        #: Wall clock (µs) of the last message received: a loss starts after it.
+        #: Wall clock (µs) of the last message received: a lost subscription is deaf since.
         self._heard_us: int | None = None
+        #: instance -> when (its wall clock, µs) its last message heard was queued: what a
+        #: jump in its counter lost was queued after that.
+        self._heard_t: dict[str, int] = {}
         self.received = 0
         self.published = 0
+        self.dropped = 0
         self.resubscribed = 0
 
     @property
@@ -135,16 +179,38 @@ class RedisBroker:
         return self._n
 
     def _send(self, kind: str, **fields: Any) -> None:
-        self._outbox.put_nowait(
-            json.dumps({"k": kind, "i": self.instance, "n": self._next(), **fields})
+        self._queue(
+            json.dumps({"k": kind, "i": self.instance, "n": self._next(), "t": now_us(), **fields})
         )
+
+    def _queue(self, message: str) -> None:
+        """Queue a numbered message; when the outbox is full, the oldest gives way (its number
+        goes missing, so the subscribers resync)."""
+        outbox = self._outbox
+        if outbox.qsize() >= self.outbox_limit:
+            outbox.get_nowait()
+            outbox.task_done()
+            self.metrics.dropped.inc()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10_000 == 0:
+                log.warning(
+                    "fan-out outbox full (%d messages, Redis unreachable): dropped %d so far; "
+                    "the other replicas resync from the store",
+                    self.outbox_limit,
+                    self.dropped,
+                )
+        outbox.put_nowait(message)
 
     async def _publish_loop(self) -> None:
         assert self._redis is not None
+        first, longest = PUBLISH_RETRY_S
         while True:
             messages = [await self._outbox.get()]
             while not self._outbox.empty() and len(messages) < 500:
                 messages.append(self._outbox.get_nowait())
+            delay = first
+            failures = 0
+            logged = 0.0
             while True:
                 try:
                     # One round trip for everything queued, in order.
@@ -155,20 +221,30 @@ class RedisBroker:
                     self.published += len(messages)
                     for _ in messages:
                         self._outbox.task_done()
+                    if failures:
+                        log.warning("redis publish works again after %d failure(s)", failures)
                     break
                 except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
-                    log.warning("redis publish failed (%s); retrying", exc)
-                    await asyncio.sleep(0.5)
+                    failures += 1
+                    if time.monotonic() - logged >= PUBLISH_LOG_EVERY_S:
+                        logged = time.monotonic()
+                        log.warning(
+                            "redis publish failed (%s); %d message(s) waiting, retrying",
+                            exc,
+                            len(messages) + self._outbox.qsize(),
+                        )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, longest)
 
     def run_started(self, run_id: str, owner: str) -> None:
         self._send("run", run=run_id, u=owner)
 
     def committed(self, items: Sequence[Emitted]) -> None:
         """The writer's sink: publish committed events, reusing each one's serialized JSON."""
-        head = json.dumps(self.instance)
+        head = f'"i":{json.dumps(self.instance)},"t":{now_us()}'
         for item in items:
-            self._outbox.put_nowait(
-                f'{{"k":"ev","i":{head},"n":{self._next()},"u":{json.dumps(item.owner)},'
+            self._queue(
+                f'{{"k":"ev",{head},"n":{self._next()},"u":{json.dumps(item.owner)},'
                 f'"live":{"true" if item.live else "false"},"e":{item.text}}}'
             )
 
@@ -203,9 +279,9 @@ class RedisBroker:
         log.warning("redis subscription was re-established; messages may have been lost")
         asyncio.get_running_loop().call_soon(self._lost, "reconnect")
 
-    def _lost(self, reason: str) -> None:
+    def _lost(self, reason: str, since_us: int | None = None) -> None:
         if self._inbound is not None:
-            self._inbound.lost(reason, self._heard_us)
+            self._inbound.lost(reason, self._heard_us if since_us is None else since_us)
 
     async def _listen(self, pubsub: Any) -> None:
         while True:
@@ -236,11 +312,18 @@ class RedisBroker:
         if isinstance(n, int):
             instance = str(msg.get("i"))
             heard = self._heard.get(instance)
+            heard_t = self._heard_t.get(instance)
             self._heard[instance] = n
+            t = msg.get("t")
+            if isinstance(t, int):
+                self._heard_t[instance] = t
             if heard is not None and n > heard + 1:
-                # Before this message is applied, so it waits behind the resync.
+                # Before this message is applied, so it waits behind the resync. What was lost
+                # was queued after the last message heard from that replica, by its clock (not
+                # after the last message heard from anyone: this replica's own keep coming, and
+                # a publisher's backlog arrives late).
                 log.warning("missed %d fan-out message(s) from %s", n - heard - 1, instance)
-                self._lost("lost_messages")
+                self._lost("lost_messages", heard_t)
         kind = msg.get("k")
         inbound = self._inbound
         assert inbound is not None

@@ -27,7 +27,7 @@ from .agents import AgentRegistry
 from .agui import AguiConfig, build_agui_router
 from .apidocs import build_docs_router
 from .auth import AuthError, TokenAuthority, valid_user_id
-from .broker import RedisBroker
+from .broker import BrokerMetrics, RedisBroker
 from .config import Settings
 from .delivery import DeliveryTracker
 from .engine import Engine, EngineConfig
@@ -105,8 +105,15 @@ class Runtime:
         self.deliveries = deliveries = DeliveryLog()
         # Traces (docs/tracing.md): None unless OTEL_EXPORTER_OTLP_* is set.
         self.tracer = tracer = build_tracer(settings, TraceMetrics(self.registry))
+        # Registered with or without Redis, so the fan-out series exist at 0.
+        broker_metrics = BrokerMetrics(self.registry)
         self.broker = (
-            RedisBroker(settings.redis_url, settings.instance_id, channel=settings.redis_channel)
+            RedisBroker(
+                settings.redis_url,
+                settings.instance_id,
+                channel=settings.redis_channel,
+                metrics=broker_metrics,
+            )
             if settings.redis_url
             else None
         )

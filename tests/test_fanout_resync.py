@@ -14,9 +14,10 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from runtime.relay import RESYNC_REASONS
+from runtime.relay import DEAF_MARGIN_US, RESYNC_REASONS
 
 from .conftest import make_settings, serve_runtime, wait_until
+from .faultproxy import FaultProxy
 from .test_scaleout import redis_url  # noqa: F401  (fixture)
 
 KILLS = 5
@@ -107,3 +108,83 @@ async def test_a_dropped_subscriber_resyncs_from_the_store_without_gaps(
         }
         print(f"resyncs on B: {resynced}; runs repaired: {b.rt.relay.runs_repaired} of {RUNS}")
         assert b.rt.broker.resubscribed >= KILLS
+
+
+@pytest.mark.redis
+async def test_a_publisher_cut_from_redis_drops_beyond_its_bound_and_replicas_resync(
+    pg_url: str,
+    redis_url: str,  # noqa: F811
+) -> None:
+    """Replica A loses Redis while it streams runs of alice, whose tab is on replica B. A's
+    outbox stays within its bound (the oldest messages are dropped and counted); once Redis is
+    back, B sees the jump in A's counter and replays what was dropped from the store, so the
+    tab gets every run, runs started during the outage included, complete and in seq order,
+    although B heard its own messages after the loss began."""
+    channel = f"runwatch-test:{os.getpid()}:{id(pg_url)}:publisher-cut"
+    host, port = redis_url.split("//", 1)[1].split("/", 1)[0].split(":")
+    proxy = FaultProxy(host, int(port))
+    await proxy.start()
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(proxy.stop)
+        a = await stack.enter_async_context(
+            serve_runtime(
+                make_settings(
+                    pg_url,
+                    instance_id="a",
+                    redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                    redis_channel=channel,
+                    chat_burst=RUNS,
+                )
+            )
+        )
+        b = await stack.enter_async_context(
+            serve_runtime(
+                make_settings(pg_url, instance_id="b", redis_url=redis_url, redis_channel=channel)
+            )
+        )
+        broker = a.rt.broker
+        assert broker is not None
+        broker.outbox_limit = LIMIT = 20
+        tab_a = await a.client("alice")
+        tab_b = await b.client("alice")
+        await wait_until(lambda: broker.owner_elsewhere("alice"), 10)
+        before = await tab_a.chat("hello before")
+        await before.wait(20)
+        await wait_until(lambda: before.run_id in tab_b.runs and tab_b.runs[before.run_id].done, 10)
+
+        proxy.down()
+        during = []
+        for i in range(6):
+            during.append(await tab_a.chat(f"search outage #{i}"))
+        for run in during:
+            await run.wait(20)
+        # The outage outlasts the relay's clock margin, and meanwhile alice chats on B too, so
+        # B keeps hearing messages (its own): the loss from A started before them.
+        await asyncio.sleep(DEAF_MARGIN_US / 1e6 + 0.5)
+        on_b = await tab_b.chat("hello from b")
+        await on_b.wait(20)
+        depth = a.metric("runwatch_fanout_outbox_depth")
+        assert depth <= LIMIT
+        assert a.metric("runwatch_fanout_dropped_total") > 0
+        assert b.metric("runwatch_fanout_resyncs_total", {"reason": "lost_messages"}) == 0
+        proxy.up()
+
+        after = await tab_a.chat("hello after")
+        await after.wait(20)
+        run_ids = [before.run_id, *(r.run_id for r in during), after.run_id]
+
+        def arrived() -> bool:
+            return all(r in tab_b.runs and tab_b.runs[r].done for r in run_ids)
+
+        await wait_until(arrived, 30)
+        for run_id in run_ids:
+            assert [e.event_id for e in tab_b.runs[run_id].events] == [
+                e.event_id for e in tab_a.runs[run_id].events
+            ]
+        assert tab_b.gap_resumes == 0
+        assert b.metric("runwatch_fanout_resyncs_total", {"reason": "lost_messages"}) > 0
+        dropped = a.metric("runwatch_fanout_dropped_total")
+        print(
+            f"dropped on A: {dropped:.0f}; outbox depth in the outage: {depth:.0f} (bound "
+            f"{LIMIT}); runs repaired on B: {b.rt.relay.runs_repaired}"
+        )
