@@ -24,7 +24,15 @@ from runtime.store.monitoring import MonitorReader, MonitorStore, RunFilter
 
 from . import views
 from .errors import FilterError
-from .filters import SINCE_HELP, SINCE_PATTERN, parse_since
+from .filters import (
+    RUN_CURSOR_PATTERN,
+    SINCE_HELP,
+    SINCE_PATTERN,
+    VIOLATION_CURSOR_PATTERN,
+    check_text,
+    holdable,
+    parse_since,
+)
 from .rules import JUDGED_STATES, Rule, Verdict, rule_config
 
 __all__ = ["COOKIE", "MonitorAuth", "build_api", "log_state"]
@@ -145,16 +153,29 @@ class Slo(BaseModel):
 Since = Annotated[str | None, Query(description=SINCE_HELP, max_length=40, pattern=SINCE_PATTERN)]
 
 
+def _refused(exc: FilterError, value: str) -> RequestValidationError:
+    """A filter value refused, with the standard 422 body the schema documents."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("query", exc.field), "msg": str(exc), "input": value}]
+    )
+
+
 def _time(value: str | None, now: int, field: str) -> int | None:
-    """A ``since``/``until`` value, refused with the standard 422 body the schema documents."""
+    """A ``since``/``until`` value, or 422."""
     if value is None:
         return None
     try:
         return parse_since(value, now, field)
     except FilterError as exc:
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ("query", field), "msg": str(exc), "input": value}]
-        ) from None
+        raise _refused(exc, value) from None
+
+
+def _text(field: str, value: str | None, limit: int) -> str | None:
+    """A free-text filter the store can hold, or 422 (PostgreSQL refuses NUL in text)."""
+    try:
+        return check_text(field, value, limit)
+    except FilterError as exc:
+        raise _refused(exc, value or "") from None
 
 
 def log_state(auth: MonitorAuth) -> None:
@@ -193,20 +214,18 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
         since: Since = None,
         until: Since = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: Annotated[
-            str | None, Query(max_length=300, pattern=r"^[01]:\d{1,18}:[0-9A-Za-z]{1,64}$")
-        ] = None,
+        cursor: Annotated[str | None, Query(max_length=300, pattern=RUN_CURSOR_PATTERN)] = None,
     ) -> Page:
         now = now_us()
         f = RunFilter(
             verdict=verdict,
-            agent=agent,
-            user=user,
+            agent=_text("agent", agent, 200),
+            user=_text("user", user, 200),
             rule=rule,
             state=state,
             since_us=_time(since, now, "since"),
             until_us=_time(until, now, "until"),
-            thread=thread,
+            thread=_text("thread", thread, 64),
         )
         items, nxt = views.runs_page(await c.list_runs(f, limit=limit, cursor=cursor))
         return Page(items=items, next_cursor=nxt)
@@ -218,7 +237,8 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
         responses={404: {"model": Problem, "description": "no such run"}},
     )
     async def run(c: Reader, run_id: str) -> RunDetail:
-        detail = await c.run_detail(run_id) if len(run_id) <= 64 else None
+        # An id the store could not hold names no run (the same answer as any unknown id).
+        detail = await c.run_detail(run_id) if len(run_id) <= 64 and holdable(run_id) else None
         if detail is None:
             raise HTTPException(404, "no such run")
         return RunDetail(**views.run_detail(detail))
@@ -229,7 +249,9 @@ def build_api(settings: Settings, auth: MonitorAuth) -> APIRouter:
         rule: RuleName | None = None,
         since: Since = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: Annotated[str | None, Query(max_length=20, pattern=r"^\d{1,18}$")] = None,
+        cursor: Annotated[
+            str | None, Query(max_length=20, pattern=VIOLATION_CURSOR_PATTERN)
+        ] = None,
     ) -> Page:
         found, nxt = await c.list_violations(
             rule=rule,

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import html
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from runtime import __version__
 from runtime.apidocs import build_docs_router
 from runtime.config import Settings
+from runtime.errors import StoreError, StoreUnavailable
 from runtime.store.audit import AuditStore
 from runtime.store.monitoring import MonitorStore
 
@@ -29,11 +32,35 @@ if TYPE_CHECKING:
 
 __all__ = ["attach_monitor", "create_monitor_app"]
 
+log = logging.getLogger("runwatch.monitor")
+
+#: Seconds a client is told to wait before asking again while the store is unavailable.
+RETRY_AFTER_S = 5
+
 STATIC = Path(__file__).resolve().parent / "static"
+
+
+async def store_error(request: Request, exc: Exception) -> Response:
+    """A read the store could not answer: 503 (with ``Retry-After``) while it is unavailable,
+    400 when it refuses the request's values; never an anonymous 500. JSON for the API, a
+    page for the UI."""
+    unavailable = isinstance(exc, StoreUnavailable)
+    status = 503 if unavailable else 400
+    detail = "audit store unavailable" if unavailable else "the audit store refused this request"
+    log.warning("%s %s: %s (%s)", request.method, request.url.path, detail, exc)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if unavailable else None
+    if request.url.path.startswith("/monitor"):
+        body = (
+            f"<!doctype html><title>runwatch monitor</title><h1>{html.escape(detail)}</h1>"
+            f"<p>{html.escape(str(exc)[:300])}</p><p>Try again in a few seconds.</p>"
+        )
+        return HTMLResponse(body, status_code=status, headers=headers)
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 def _mount(app: FastAPI, store: AuditStore, settings: Settings) -> None:
     auth = MonitorAuth(settings)
+    app.add_exception_handler(StoreError, store_error)
     app.state.monitor_store = MonitorStore(store)
     app.include_router(build_api(settings, auth))
     app.include_router(build_web(store, settings, auth))

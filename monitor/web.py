@@ -22,7 +22,14 @@ from runtime.tracing import run_id_of, trace_id_of, trace_url
 from . import views
 from .api import COOKIE, MonitorAuth
 from .errors import FilterError
-from .filters import SINCE_HELP, parse_since
+from .filters import (
+    SINCE_HELP,
+    check_text,
+    holdable,
+    parse_since,
+    valid_run_cursor,
+    violation_cursor,
+)
 from .rules import JUDGED_STATES, Rule, Verdict, rule_config
 
 __all__ = ["build_web", "human_ms", "timeline_svg"]
@@ -327,24 +334,24 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
                 errors.append(exc)
                 return None
 
-        for name, value, limit in (
-            ("agent", agent, 200),
-            ("user", user, 200),
-            ("thread", thread, 64),
-        ):
-            if value and len(value) > limit:
-                errors.append(FilterError(name, f"at most {limit} characters"))
+        def text(name: str, value: str | None, limit: int) -> str | None:
+            try:
+                return check_text(name, value, limit)
+            except FilterError as exc:
+                errors.append(exc)
+                return None
+
         f = RunFilter(
             verdict=pick("verdict", verdict, VERDICT_NAMES),
-            agent=(agent or None) and agent[:200],
-            user=(user or None) and user[:200],
+            agent=text("agent", agent, 200),
+            user=text("user", user, 200),
             rule=pick("rule", rule, RULE_NAMES),
             state=pick("state", state, JUDGED_STATES),
             since_us=when("since", since),
             until_us=when("until", until),
-            thread=(thread or None) and thread[:64],
+            thread=text("thread", thread, 64),
         )
-        if cursor and not _valid_cursor(cursor):
+        if cursor and not valid_run_cursor(cursor):
             errors.append(FilterError("cursor", "not a cursor this page gave out"))
         items: list[dict[str, Any]] = []
         nxt = None
@@ -387,8 +394,10 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
     async def run(request: Request, run_id: str) -> Response:
         if (denied := gate(request)) is not None:
             return denied
-        async with reads.reading() as reader:
-            detail = await reader.run_detail(run_id[:64])
+        detail = None
+        if holdable(run_id):
+            async with reads.reading() as reader:
+                detail = await reader.run_detail(run_id[:64])
         if detail is None:
             return not_found(request, f"No run {run_id[:64]!r} in the audit store.")
         d = views.run_detail(detail)
@@ -427,17 +436,38 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
     ) -> Response:
         if (denied := gate(request)) is not None:
             return denied
-        rule = rule if rule in RULE_NAMES else None
-        before = int(cursor) if cursor and cursor.isdigit() and len(cursor) < 19 else None
-        async with reads.reading() as reader:
-            found, nxt = await reader.list_violations(
-                rule=rule, since_us=None, limit=100, before_id=before
+        # As on the runs page: a bad value is refused with 422, never dropped (a dropped rule
+        # would list every violation and look like the answer).
+        errors: list[FilterError] = []
+        if rule and rule not in RULE_NAMES:
+            errors.append(
+                FilterError("rule", f"expected one of {', '.join(sorted(RULE_NAMES))}", rule)
             )
-        items = views.violation_items(found)
+        before = None
+        if cursor:
+            try:
+                before = violation_cursor(cursor)
+            except FilterError as exc:
+                errors.append(exc)
+        items: list[dict[str, Any]] = []
+        nxt = None
+        if not errors:
+            async with reads.reading() as reader:
+                found, nxt = await reader.list_violations(
+                    rule=rule or None, since_us=None, limit=100, before_id=before
+                )
+            items = views.violation_items(found)
         return templates.TemplateResponse(
             request,
             "violations.html",
-            {"items": items, "rule": rule, "rules": list(RULE_NAMES), "next_cursor": nxt},
+            {
+                "items": items,
+                "rule": rule if rule in RULE_NAMES else None,
+                "rules": list(RULE_NAMES),
+                "next_cursor": nxt,
+                "errors": errors,
+            },
+            status_code=422 if errors else 200,
         )
 
     @router.get("/static/{name}")
@@ -458,15 +488,3 @@ def build_web(store: AuditStore, settings: Settings, auth: MonitorAuth) -> APIRo
 
 def _meaning(rule: str) -> str:
     return Rule(rule).meaning if rule in RULE_NAMES else ""
-
-
-def _valid_cursor(cursor: str) -> bool:
-    parts = cursor.split(":", 2)
-    return (
-        len(parts) == 3
-        and parts[0] in ("0", "1")
-        and parts[1].isdigit()
-        and len(parts[1]) <= 18
-        and parts[2].isalnum()
-        and len(cursor) < 120
-    )

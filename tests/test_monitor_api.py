@@ -205,6 +205,67 @@ async def test_bad_filters_are_refused_alike_by_page_and_api(
         assert (await api.get("/api/runs", params=params, headers=auth())).status_code == 422
 
 
+async def _client_for(url: str) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(database_url=url, jwt_secret=JWT_SECRET, admin_token=ADMIN)
+    app = create_monitor_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://monitor", headers=auth()
+        ) as client:
+            yield client
+
+
+async def test_values_the_store_cannot_hold_are_refused_not_500(db_url: str) -> None:
+    """PostgreSQL text holds no NUL: a filter or run id with one gets 422 or 404 on both
+    stores, in the API as in the page, never a 500 from the driver."""
+    await corpus_db(db_url)
+    async for client in _client_for(db_url):
+        for name in ("agent", "user", "thread"):
+            for path in ("/api/runs", "/monitor/runs"):
+                answer = await client.get(path, params={name: "a\x00b"})
+                assert answer.status_code == 422, (path, name, answer.text[:200])
+                assert name in answer.text
+        assert (await client.get("/api/runs/a%00b")).status_code == 404
+        assert (await client.get("/monitor/runs/a%00b")).status_code == 404
+
+
+async def test_cursors_take_ascii_digits_only_and_the_violations_page_refuses_bad_filters(
+    api: httpx.AsyncClient,
+) -> None:
+    """``str.isdigit`` takes "²" and ``int`` does not: such cursors are refused with 422, as a
+    rule the violations page does not know is (it used to list every violation)."""
+    for path, params in (
+        ("/monitor/runs", {"cursor": "1:\u00b2:abc"}),
+        ("/api/runs", {"cursor": "1:\u00b2:abc"}),
+        ("/api/runs", {"cursor": "1:\u0663:abc"}),
+        ("/monitor/violations", {"cursor": "\u00b2"}),
+        ("/api/violations", {"cursor": "\u0663"}),
+        ("/monitor/violations", {"rule": "isolaton"}),
+        ("/api/runs", {"since": "\u0663h"}),
+    ):
+        answer = await api.get(path, params=params, headers=auth())
+        assert answer.status_code == 422, (path, params, answer.text[:200])
+    page = await api.get("/monitor/violations", params={"rule": "isolaton"}, headers=auth())
+    assert "not valid" in page.text and "/monitor/runs/" not in page.text
+    ok = await api.get("/monitor/violations", params={"rule": "isolation"}, headers=auth())
+    assert ok.status_code == 200
+
+
+async def test_an_unreachable_store_answers_503_with_retry_after() -> None:
+    """Reads while the store is down: 503 and ``Retry-After``, JSON for the API and a page
+    for the UI, never an anonymous 500."""
+    async for client in _client_for("postgresql+asyncpg://postgres@127.0.0.1:1/none"):
+        for path in ("/api/runs", "/api/slo", "/api/violations", "/monitor", "/monitor/runs"):
+            answer = await client.get(path)
+            assert answer.status_code == 503, (path, answer.text[:200])
+            assert answer.headers["retry-after"] == "5"
+            if path.startswith("/api"):
+                assert answer.json() == {"detail": "audit store unavailable"}
+            else:
+                assert "audit store unavailable" in answer.text
+
+
 async def test_runs_list_shows_prompt_duration_and_filters_by_thread(
     api: httpx.AsyncClient, monitor_db: tuple[str, dict[str, str]]
 ) -> None:
