@@ -106,6 +106,9 @@ class PassResult:
     violations: int = 0
     pending: int = 0
     stuck: int = 0
+    #: Pending runs that have not ended and are not stuck (``runwatch_monitor_open_runs``): an
+    #: ended run waiting out its ack window, or its turn to be judged, is not open.
+    open_runs: int = 0
     #: More work was ready than one pass takes: pass again at once.
     more: bool = False
 
@@ -226,7 +229,7 @@ class Checker:
             for v in violations:
                 self.metrics.violations.labels(rule=v.rule.value).inc()
         self.metrics.lag_seconds.set(snapshot.lag_s)
-        self.metrics.open_runs.set(result.pending - result.stuck)
+        self.metrics.open_runs.set(result.open_runs)
         self.metrics.stuck_runs.set(result.stuck)
         self.metrics.last_check.set(time.time())
         return result
@@ -306,9 +309,11 @@ class Checker:
                 if not c.fresh:
                     out.drop.append(c.run_id)
                 continue
+            stuck = c.run_id in stuck_now or c.judged
             if c.clock is not None:
                 result.pending += 1
-            result.stuck += c.run_id in stuck_now or c.judged
+                result.open_runs += not ended and not stuck
+            result.stuck += stuck
             if c.fresh:
                 out.new_pending.append((c.run_id, c.run_id in stuck_now))
             elif c.run_id in stuck_now:
@@ -378,7 +383,7 @@ class Checker:
             total.judged += r.judged
             total.failed += r.failed
             total.violations += r.violations
-            total.pending, total.stuck = r.pending, r.stuck
+            total.pending, total.stuck, total.open_runs = r.pending, r.stuck, r.open_runs
             if r.read == 0 and not r.more:
                 break
         return total

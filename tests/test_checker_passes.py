@@ -115,9 +115,12 @@ async def test_a_failed_write_changes_nothing_and_the_next_pass_judges_once(
     settling = new_id()
     ev = healthy_events(settling, t - 500_000)
     await write_run(store, ev, receipts(ev), created_us=t - 500_000)
-    chk, _ = make_checker(store, clock=clock)
+    chk, registry = make_checker(store, clock=clock)
     await chk.step()
     assert (await state(store))[1] == sorted([(open_rid, False), (settling, False)])
+    # Both are pending, but only the first is open: the settling run has ended (as /api/slo
+    # and the overview count it).
+    assert registry.get_sample_value("runwatch_monitor_open_runs") == 1
 
     # Pass 1, 30 s later, writes with every statement: the open run is stuck now (verdict,
     # stays pending judged), the settled run is judged (leaves pending), a new faulty run is
