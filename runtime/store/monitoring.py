@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
-from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, update
+from sqlalchemy import bindparam, case, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
@@ -686,22 +686,31 @@ class MonitorReader:
         ``delivery_slo`` rule judges it the same way."""
         conn = self._conn
         since = now_us - _us(window_s)
-        acks = (
-            select(DeliveryRow.event_id, func.min(DeliveryRow.acked_us).label("acked"))
-            .join(RunRow, RunRow.run_id == DeliveryRow.run_id)
-            .where(DeliveryRow.user_id == RunRow.user_id, DeliveryRow.acked_us.is_not(None))
-            .group_by(DeliveryRow.event_id)
+        # Each live event of the window with its first ack by an owner connection, looked up
+        # per event (ix_deliveries_event_id): the cost follows the window, not the retention.
+        first_ack = (
+            select(func.min(DeliveryRow.acked_us))
+            .where(
+                DeliveryRow.event_id == EventRow.event_id,
+                DeliveryRow.user_id == RunRow.user_id,
+                DeliveryRow.acked_us.is_not(None),
+            )
+            .correlate(EventRow, RunRow)
+            .scalar_subquery()
+        )
+        window = (
+            select(EventRow.ts_us.label("ts"), first_ack.label("acked"))
+            .join(RunRow, RunRow.run_id == EventRow.run_id)
+            .where(EventRow.ts_us >= since, EventRow.live.is_(True))
             .subquery()
         )
-        live = and_(EventRow.ts_us >= since, EventRow.live.is_(True))
-        judgeable = or_(acks.c.acked.is_not(None), EventRow.ts_us < now_us - _us(ack_wait_s))
-        good_delivery = case((acks.c.acked - EventRow.ts_us <= _us(delivery_slo_s), 1), else_=0)
+        judgeable = or_(window.c.acked.is_not(None), window.c.ts < now_us - _us(ack_wait_s))
+        good_delivery = case((window.c.acked - window.c.ts <= _us(delivery_slo_s), 1), else_=0)
         d = (
             await conn.execute(
                 select(func.count(), func.coalesce(func.sum(good_delivery), 0))
-                .select_from(EventRow)
-                .join(acks, acks.c.event_id == EventRow.event_id, isouter=True)
-                .where(live, judgeable)
+                .select_from(window)
+                .where(judgeable)
             )
         ).one()
         good_persist = case(
