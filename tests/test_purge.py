@@ -1,6 +1,6 @@
-"""``runwatch purge`` (issue #11 item 5): everything of a purged run goes in one transaction
-(events, deliveries, the monitor's verdicts and violations); short durations need --force;
---dry-run deletes nothing."""
+"""``runwatch purge``: everything of a purged run goes in one transaction (events, deliveries,
+the monitor's verdicts and violations), a few hundred runs per transaction; short durations
+need --force; --dry-run deletes nothing."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sqlalchemy import text
+import pytest
+from sqlalchemy import event, text
 
 from runtime.events import Event, EventType, Receipt
+from runtime.store import audit
 from runtime.store.audit import AuditStore, Batch, RunInfo
 from runtime.store.migrate import upgrade
 
@@ -73,6 +75,34 @@ async def test_purge_removes_everything_of_a_run_and_dry_run_nothing(store: Audi
     assert [await _count(store, t, "old") for t in TABLES] == [0, 0, 0, 0, 0]
     # A run still open is never purged, whatever its age.
     assert [await _count(store, t, "open") for t in TABLES] == [1, 2, 2, 1, 1]
+
+
+async def test_purge_commits_chunk_by_chunk_so_the_writer_is_never_locked_out_for_long(
+    store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long purge must not hold SQLite's write lock until it ends (the runtime's writer
+    gives up on it after 250 ms and falls back to its journal): each chunk of runs commits."""
+    monkeypatch.setattr(audit, "PURGE_CHUNK", 3)
+    old = [f"old{i}" for i in range(7)]
+    for run_id in old:
+        await _seed(store, run_id, ended=True)
+    await _seed(store, "open", ended=False)
+    dry = await store.purge(10_000, dry_run=True)
+    assert dry == {"runs": 7, "events": 21, "deliveries": 21, "verdicts": 7, "violations": 7}
+    commits: list[int] = []
+    listener = lambda _conn: commits.append(1)  # noqa: E731
+    event.listen(store.engine.sync_engine, "commit", listener)
+    try:
+        done = await store.purge(10_000)
+    finally:
+        event.remove(store.engine.sync_engine, "commit", listener)
+    assert done == dry
+    # Three chunks (3, 3, 1 runs), then threads and connections: one transaction each.
+    assert len(commits) == 4
+    for run_id in old:
+        assert [await _count(store, t, run_id) for t in TABLES] == [0, 0, 0, 0, 0]
+    assert [await _count(store, t, "open") for t in TABLES] == [1, 2, 2, 1, 1]
+    assert await store.purge(10_000) == dict.fromkeys(TABLES, 0), "again: nothing left"
 
 
 def _runwatch(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:

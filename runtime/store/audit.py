@@ -230,6 +230,9 @@ def _outcome_of(event: Event) -> str:
 #: fallback (about 1 s), so a database locked by another process degrades to the journal
 #: instead of freezing every run behind the lock.
 WRITER_BUSY_TIMEOUT_MS = 250
+#: Runs a purge deletes per transaction: small enough that the runtime's writer, waiting on
+#: SQLite's lock, gets it back well within its busy timeout.
+PURGE_CHUNK = 200
 
 
 def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
@@ -534,28 +537,34 @@ class AuditStore:
 
     async def purge(self, before_us: int, *, dry_run: bool = False) -> dict[str, int]:
         """Delete ended runs created before ``before_us`` and everything of them: events,
-        deliveries, and the monitor's verdicts, violations and pending marks, in one
-        transaction (the monitor never lists a run that no longer exists). ``dry_run``
-        counts what would go and deletes nothing."""
-        async with self._tx() as conn:
-            res = await conn.execute(
-                select(RunRow.run_id).where(
-                    and_(RunRow.created_us < before_us, RunRow.ended_us.is_not(None))
-                )
-            )
-            run_ids = [r[0] for r in res]
-            counts = dict.fromkeys(("runs", "events", "deliveries", "verdicts", "violations"), 0)
-            # Children first, the runs last.
-            tables: dict[str, type[Base]] = {
-                "deliveries": DeliveryRow,
-                "events": EventRow,
-                "violations": ViolationRow,
-                "verdicts": VerdictRow,
-                "pending": PendingRunRow,
-                "runs": RunRow,
-            }
-            for chunk in _chunks(run_ids, 500):
+        deliveries, and the monitor's verdicts, violations and pending marks. ``dry_run``
+        counts what would go and deletes nothing.
+
+        Runs go ``PURGE_CHUNK`` at a time, each chunk in its own transaction with everything
+        of its runs (the monitor never lists a run that no longer exists), so a long purge
+        never holds the write lock for long: on SQLite the runtime's writer commits between
+        two chunks. A purge stopped part-way is safe, and running it again finishes it."""
+        counts = dict.fromkeys(("runs", "events", "deliveries", "verdicts", "violations"), 0)
+        # Children first, the runs last.
+        tables: dict[str, type[Base]] = {
+            "deliveries": DeliveryRow,
+            "events": EventRow,
+            "violations": ViolationRow,
+            "verdicts": VerdictRow,
+            "pending": PendingRunRow,
+            "runs": RunRow,
+        }
+        purgeable = and_(RunRow.created_us < before_us, RunRow.ended_us.is_not(None))
+        after = ""  # dry runs page by run id; a real purge takes the next chunk left
+        while True:
+            async with self._tx() as conn:
+                q = select(RunRow.run_id).where(purgeable)
+                if dry_run:
+                    q = q.where(RunRow.run_id > after).order_by(RunRow.run_id)
+                chunk = [r[0] for r in await conn.execute(q.limit(PURGE_CHUNK))]
                 for name, model in tables.items():
+                    if not chunk:
+                        break
                     where = model.__table__.c.run_id.in_(chunk)
                     if dry_run:
                         n = (
@@ -565,8 +574,13 @@ class AuditStore:
                         n = (await conn.execute(delete(model).where(where))).rowcount or 0
                     if name in counts:
                         counts[name] += int(n)
-            if dry_run:
-                return counts
+            if len(chunk) < PURGE_CHUNK:
+                break
+            after = chunk[-1]
+            await asyncio.sleep(0)  # the writer's turn
+        if dry_run:
+            return counts
+        async with self._tx() as conn:
             await conn.execute(
                 delete(ThreadRow).where(
                     ThreadRow.created_us < before_us,
@@ -578,7 +592,7 @@ class AuditStore:
                     ConnectionRow.closed_us.is_not(None), ConnectionRow.closed_us < before_us
                 )
             )
-            return counts
+        return counts
 
 
 def _write_batch(
