@@ -6,12 +6,10 @@ import html
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from runtime import __version__
@@ -36,8 +34,6 @@ log = logging.getLogger("runwatch.monitor")
 
 #: Seconds a client is told to wait before asking again while the store is unavailable.
 RETRY_AFTER_S = 5
-
-STATIC = Path(__file__).resolve().parent / "static"
 
 
 async def store_error(request: Request, exc: Exception) -> Response:
@@ -64,7 +60,6 @@ def _mount(app: FastAPI, store: AuditStore, settings: Settings) -> None:
     app.state.monitor_store = MonitorStore(store)
     app.include_router(build_api(settings, auth))
     app.include_router(build_web(store, settings, auth))
-    app.mount("/monitor/static", StaticFiles(directory=STATIC), name="monitor-static")
 
 
 def _checker(store: AuditStore, registry: CollectorRegistry, settings: Settings) -> Checker:
