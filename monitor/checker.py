@@ -257,11 +257,24 @@ class Checker:
         candidates = [_Candidate(p.run_id, False, p.judged, p.clock) for p in pending]
         candidates += [_Candidate(r, True, False, clocks.get(r)) for r in sorted(fresh)]
         due = [c for c in candidates if self._is_due(c, now)]
+        # The lag: how long the oldest unread event, or the longest-waiting run that is due
+        # and left for a later pass, has waited (a judging backlog is lag too).
+        behind = [] if unread is None else [unread.committed_us]
         if len(due) > cfg.max_judge:
+            due.sort(key=self._due_us)
+            behind.append(self._due_us(due[cfg.max_judge]))
             due = due[: cfg.max_judge]
             result.more = True
-        lag = 0.0 if unread is None else max(0.0, (now - unread.committed_us) / 1e6)
+        lag = max(0.0, (now - min(behind)) / 1e6) if behind else 0.0
         return _Snapshot(saved, new_position, candidates, due, lag)
+
+    def _due_us(self, c: _Candidate) -> int:
+        """When a due run became due: settled after its end, or stuck after its timeout."""
+        assert c.clock is not None
+        if c.clock.ended_us is not None:
+            return c.clock.ended_us + int(self.config.settle_s * 1_000_000)
+        timeout_us = c.clock.timeout_s * 1_000_000
+        return c.clock.created_us + int(timeout_us + self.config.rules.stuck_grace_s * 1_000_000)
 
     def _is_due(self, c: _Candidate, now: int) -> bool:
         """Whether a run is to be judged now (ended and settled, or stuck and not judged)."""

@@ -49,7 +49,8 @@ class MonitorMetrics:
         )
         self.lag_seconds = Gauge(
             "runwatch_monitor_lag_seconds",
-            "Age of the newest stored event the checker has not yet read (0 when caught up).",
+            "How long the oldest stored event not yet read, or the longest-waiting run due to "
+            "be judged and left for a later pass, has waited (0 when caught up).",
             registry=r,
         )
         self.last_check = Gauge(

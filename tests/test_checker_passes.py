@@ -390,3 +390,18 @@ async def test_an_unwritable_store_is_logged_once_per_change(
         registry.get_sample_value("runwatch_monitor_runs_checked_total", {"verdict": "pass"}) == 0
     )
     assert runs
+
+
+async def test_a_judging_backlog_shows_as_lag(store: AuditStore) -> None:
+    """Every event read, but more runs due than a pass judges: the lag is how long the
+    longest-waiting of those left has been due (it read 0, so RunwatchMonitorLag never fired
+    on a checker that reads fast and judges slowly)."""
+    await write_healthy(store, 6, now_us() - 60_000_000)
+    config = CheckerConfig(rules=RULES, settle_s=1, max_judge=2)
+    chk, registry = make_checker(store, config)
+    first = await chk.step()
+    assert first.judged == 2 and first.more
+    lag = registry.get_sample_value("runwatch_monitor_lag_seconds")
+    assert lag is not None and 50 < lag < 120, lag
+    await chk.catch_up()
+    assert registry.get_sample_value("runwatch_monitor_lag_seconds") == 0
