@@ -306,6 +306,15 @@ def _serve(
         return 2
     if args.migrate:
         upgrade(settings.database_url)
+    elif (behind := _schema_behind(settings.database_url)) is not None:
+        # Started against an old schema, every write would be refused as bad data and every
+        # run ended with an internal error: say so once, and do not start.
+        print(
+            f"runwatch: {behind}: run `runwatch migrate` first (or start without --no-migrate)",
+            file=sys.stderr,
+        )
+        sock.close()
+        return 2
     rt = None
     if build is None:
         rt = Runtime(settings, agents=agents, tools=tools)
@@ -475,6 +484,18 @@ _ENV_NOTE = (
     "Settings come from RUNWATCH_* environment variables (README.md, Configuration); "
     "with no RUNWATCH_JWT_SECRET the server runs in dev mode (loopback only)."
 )
+
+
+def _schema_behind(url: str) -> str | None:
+    """:func:`~runtime.store.migrate.schema_behind`, or None (with a warning) when the store
+    cannot be read now: an outage at start is the writer's to ride out, not a reason to stop."""
+    from .store.migrate import schema_behind
+
+    try:
+        return schema_behind(url)
+    except Exception as exc:  # the driver's own errors, whichever driver
+        log.warning("cannot read the audit store's schema revision (%s); starting anyway", exc)
+        return None
 
 
 def server_args(p: argparse.ArgumentParser, port: int) -> None:

@@ -7,11 +7,14 @@ database. ``--debug`` brings the traceback back.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from runtime.store.migrate import current_revision, head_revision, schema_behind, upgrade
 
 RUNWATCH = str(Path(sys.executable).parent / "runwatch")
 SECRET = "s" * 40
@@ -102,3 +105,30 @@ def test_check_names_the_store_it_opened(tmp_path: Path) -> None:
     done = run(tmp_path, ["check"], env)
     assert done.returncode == 0, done.stderr
     assert f"runwatch: checking sqlite+aiosqlite:///{db}" in done.stderr
+
+
+def test_no_migrate_against_an_old_schema_refuses_to_start(tmp_path: Path) -> None:
+    """``--no-migrate`` on a store an older runwatch made: one line saying what to run, exit
+    2, instead of a server whose every write is refused as bad data."""
+    db = tmp_path / "audit.db"
+    url = f"sqlite+aiosqlite:///{db}"
+    upgrade(url, "0002")
+    done = run(tmp_path, [*serve_args(), "--no-migrate"], {"RUNWATCH_DATABASE_URL": url})
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        "runwatch: the audit store's schema is at revision 0002; this runwatch needs "
+        f"{head_revision()}: run `runwatch migrate` first (or start without --no-migrate)"
+    )
+    assert current_revision(url) == "0002", "nothing was migrated"
+
+
+def test_schema_behind_is_none_at_head_and_for_a_newer_schema(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
+    assert schema_behind(url) is not None and "no runwatch schema" in str(schema_behind(url))
+    upgrade(url)
+    assert schema_behind(url) is None
+    # Another replica ran a newer runwatch's migration first (a rolling upgrade).
+    with sqlite3.connect(tmp_path / "audit.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_from_a_newer_runwatch'")
+    assert schema_behind(url) is None

@@ -9,7 +9,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-__all__ = ["alembic_config", "current_revision", "head_revision", "upgrade"]
+__all__ = ["alembic_config", "current_revision", "head_revision", "schema_behind", "upgrade"]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -48,3 +48,23 @@ def current_revision(url: str) -> str | None:
             await engine.dispose()
 
     return asyncio.run(_get())
+
+
+def schema_behind(url: str) -> str | None:
+    """Why the database's schema is too old for this runwatch (empty, or at an earlier
+    revision), or None when it is at head. A revision this runwatch does not know is newer
+    (another replica migrated first in a rolling upgrade): not too old. Raises what the
+    driver raises when the database cannot be read."""
+    current = current_revision(url)
+    head = head_revision()
+    if current == head:
+        return None
+    if current is None:
+        return f"the audit store has no runwatch schema (this runwatch needs revision {head})"
+    known = {
+        r.revision
+        for r in ScriptDirectory.from_config(alembic_config("sqlite://")).walk_revisions()
+    }
+    if current not in known:
+        return None
+    return f"the audit store's schema is at revision {current}; this runwatch needs {head}"
