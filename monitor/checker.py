@@ -123,6 +123,7 @@ def run_facts(stored: StoredRun) -> RunFacts:
         committed_us=stored.committed_us,
         live=stored.live,
         receipts=stored.receipts,
+        remote_connections=stored.remote_connections,
         started_us=run.created_us,
         timeout_s=run.timeout_s,
     )

@@ -145,6 +145,9 @@ class RunFacts:
     committed_us: Mapping[str, int] = field(default_factory=dict)
     live: frozenset[str] = frozenset()
     receipts: tuple[Receipt, ...] = ()
+    #: Connections (of ``receipts``) served by another replica than the run's: their send
+    #: times are another host's clock.
+    remote_connections: frozenset[str] = frozenset()
     started_us: int = 0
     timeout_s: float | None = None
 
@@ -158,6 +161,10 @@ class RuleConfig:
     run_timeout_s: float = 300.0
     stuck_grace_s: float = 60.0
     ack_wait_s: float = 10.0
+    #: ``persisted`` compares a commit time and a send time: taken by one clock when one
+    #: replica did both, by two hosts' clocks when another replica sent the frame, where this
+    #: much difference is allowed.
+    clock_skew_s: float = 0.25
 
 
 def rule_config(settings: Settings) -> RuleConfig:
@@ -166,6 +173,7 @@ def rule_config(settings: Settings) -> RuleConfig:
         delivery_slo_s=settings.delivery_slo_s,
         run_timeout_s=settings.run_timeout_s,
         stuck_grace_s=settings.stuck_grace_s,
+        clock_skew_s=settings.clock_skew_s,
     )
 
 
@@ -194,7 +202,7 @@ def check_run(facts: RunFacts, config: RuleConfig, now_us: int) -> list[Violatio
     out += _terminal_rule(facts, ordered, state)
     out += _completion(facts, ordered)
     out += _tool_pairing(facts, ordered, state)
-    out += _persisted(facts)
+    out += _persisted(facts, config)
     out += _isolation(facts)
     if state == RunState.STUCK:
         timeout = facts.timeout_s if facts.timeout_s is not None else config.run_timeout_s
@@ -441,7 +449,7 @@ def _tool_pairing(facts: RunFacts, ordered: list[Event], state: RunState) -> lis
     return out
 
 
-def _persisted(facts: RunFacts) -> list[Violation]:
+def _persisted(facts: RunFacts, config: RuleConfig) -> list[Violation]:
     out = []
     stored = {e.event_id: e for e in facts.events}
     for r in facts.receipts:
@@ -459,7 +467,13 @@ def _persisted(facts: RunFacts) -> list[Violation]:
             )
             continue
         committed = facts.committed_us.get(r.event_id)
-        if committed is not None and r.sent_us < committed:
+        # Another replica's send time is its host's clock, not the committer's.
+        skew_us = (
+            int(config.clock_skew_s * 1_000_000)
+            if r.connection_id in facts.remote_connections
+            else 0
+        )
+        if committed is not None and r.sent_us < committed - skew_us:
             out.append(
                 _v(
                     Rule.PERSISTED,

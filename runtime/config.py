@@ -100,6 +100,9 @@ class Settings:
     log_level: str = "info"
     delivery_slo_s: float = DELIVERY_SLO_S
     stuck_grace_s: float = 60.0
+    #: The clock difference between two hosts the ``persisted`` rule allows when a frame was
+    #: sent by another replica than the one that committed it (their clocks are compared).
+    clock_skew_s: float = 0.25
     monitor_interval_s: float = 2.0
     #: A trace viewer's URL with ``{trace_id}`` and/or ``{run_id}``: the monitor links runs.
     trace_url_template: str | None = None

@@ -361,3 +361,38 @@ async def test_stuck_gauge_clears_when_the_run_ends(store: AuditStore, kind: str
     await chk.catch_up()
     assert registry.get_sample_value("runwatch_monitor_stuck_runs") == 0
     assert (await verdicts(store))[rid][1] >= {"stuck"}
+
+
+async def test_a_frame_sent_by_another_replica_is_judged_with_clock_skew(
+    store: AuditStore,
+) -> None:
+    """``persisted`` compares a commit time with a send time. When another replica sent the
+    frame (a tab on replica b of a run committed by this one), the two come from two hosts'
+    clocks: a few ms of difference is skew, not a frame sent before its commit. When the
+    committing replica sent it, the same few ms are a violation."""
+    from runtime.store.audit import ConnectionOpen
+
+    t0 = now_us() - 60_000_000
+    runs = {}
+    for name, instance in (("local", "test"), ("remote", "b"), ("far", "b")):
+        rid = new_id()
+        events = healthy_events(rid, t0)
+        commit = min(e.ts_us for e in events) + 1000
+        conn_id = f"conn-{name}"
+        early = 5_000 if name != "far" else 2_000_000  # sent before the commit, by its clock
+        rs = [
+            dataclasses.replace(r, connection_id=conn_id, sent_us=commit - early)
+            if r.seq == 2
+            else dataclasses.replace(r, connection_id=conn_id)
+            for r in receipts(events)
+        ]
+        await store.write(
+            Batch(opened=[ConnectionOpen(conn_id, "alice", instance, None, t0)]), commit
+        )
+        runs[name] = await write_run(store, events, rs, created_us=t0)
+    chk, _ = checker(store)
+    await chk.catch_up()
+    found = await verdicts(store)
+    assert found[runs["local"]] == ("fail", {"persisted"})
+    assert found[runs["remote"]] == ("pass", set()), "5 ms across hosts is within the skew"
+    assert found[runs["far"]] == ("fail", {"persisted"}), "2 s is not clock skew"

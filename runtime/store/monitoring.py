@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, case, delete, exists, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
@@ -30,6 +30,7 @@ from ..lifecycle import RunOutcome
 from .audit import AuditStore, StoredEvent, _chunks, _stored, receipt_from_row
 from .errors import translate
 from .models import (
+    ConnectionRow,
     DeliveryRow,
     EventRow,
     MonitorPositionRow,
@@ -87,6 +88,8 @@ class StoredRun:
     committed_us: Mapping[str, int]
     live: frozenset[str]
     receipts: tuple[Receipt, ...]
+    #: The connections of ``receipts`` served by another replica than the run's own.
+    remote_connections: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,13 +532,26 @@ class MonitorReader:
                 if pace.due():
                     await pace.pause()
             receipts: dict[str, list[Receipt]] = {}
+            remote: dict[str, set[str]] = {}
+            served_elsewhere = and_(
+                ConnectionRow.instance_id.is_not(None),
+                ConnectionRow.instance_id != RunRow.instance_id,
+            )
             result = await self._conn.execute(
-                select(*_RECEIPT_COLUMNS)
+                select(*_RECEIPT_COLUMNS, case((served_elsewhere, True), else_=False))
+                .join(RunRow, RunRow.run_id == DeliveryRow.run_id)
+                .join(
+                    ConnectionRow,
+                    ConnectionRow.connection_id == DeliveryRow.connection_id,
+                    isouter=True,
+                )
                 .where(DeliveryRow.run_id.in_(ids))
                 .order_by(DeliveryRow.id)
             )
-            for d in result:
+            for *d, elsewhere in result:
                 receipts.setdefault(d[1], []).append(Receipt(*d))
+                if elsewhere:
+                    remote.setdefault(d[1], set()).add(d[3])
                 if pace.due():
                     await pace.pause()
             for run in runs:
@@ -549,6 +565,7 @@ class MonitorReader:
                     committed_us={r[1]: r[8] for r in rows},
                     live=frozenset(r[1] for r in rows if r[9]),
                     receipts=tuple(receipts.get(run.run_id, ())),
+                    remote_connections=frozenset(remote.get(run.run_id, ())),
                 )
                 if pace.due():
                     await pace.pause()
