@@ -16,7 +16,7 @@ import pytest
 
 from runtime.relay import DEAF_MARGIN_US, RESYNC_REASONS
 
-from .conftest import make_settings, serve_runtime, wait_until
+from .conftest import LiveServer, make_settings, serve_runtime, wait_until
 from .faultproxy import FaultProxy
 from .test_scaleout import redis_url  # noqa: F401  (fixture)
 
@@ -33,6 +33,26 @@ async def _kill_subscriber(redis: object, name: str) -> bool:
     return bool(ids)
 
 
+async def _replicas(
+    stack: AsyncExitStack, pg_url: str, channel: str, redis_a: str, redis_b: str
+) -> tuple[LiveServer, LiveServer]:
+    """Replicas a (which runs alice's chats) and b on one store, each reaching Redis at its
+    own URL."""
+    a = await stack.enter_async_context(
+        serve_runtime(
+            make_settings(
+                pg_url, instance_id="a", redis_url=redis_a, redis_channel=channel, chat_burst=RUNS
+            )
+        )
+    )
+    b = await stack.enter_async_context(
+        serve_runtime(
+            make_settings(pg_url, instance_id="b", redis_url=redis_b, redis_channel=channel)
+        )
+    )
+    return a, b
+
+
 @pytest.mark.redis
 async def test_a_dropped_subscriber_resyncs_from_the_store_without_gaps(
     pg_url: str,
@@ -44,22 +64,7 @@ async def test_a_dropped_subscriber_resyncs_from_the_store_without_gaps(
     admin = aioredis.from_url(redis_url, decode_responses=True)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(admin.aclose)
-        a = await stack.enter_async_context(
-            serve_runtime(
-                make_settings(
-                    pg_url,
-                    instance_id="a",
-                    redis_url=redis_url,
-                    redis_channel=channel,
-                    chat_burst=RUNS,
-                )
-            )
-        )
-        b = await stack.enter_async_context(
-            serve_runtime(
-                make_settings(pg_url, instance_id="b", redis_url=redis_url, redis_channel=channel)
-            )
-        )
+        a, b = await _replicas(stack, pg_url, channel, redis_url, redis_url)
         assert b.rt.broker is not None
         name = b.rt.broker.subscriber_name
         tab_a = await a.client("alice")
@@ -126,21 +131,8 @@ async def test_a_publisher_cut_from_redis_drops_beyond_its_bound_and_replicas_re
     await proxy.start()
     async with AsyncExitStack() as stack:
         stack.push_async_callback(proxy.stop)
-        a = await stack.enter_async_context(
-            serve_runtime(
-                make_settings(
-                    pg_url,
-                    instance_id="a",
-                    redis_url=f"redis://127.0.0.1:{proxy.port}/0",
-                    redis_channel=channel,
-                    chat_burst=RUNS,
-                )
-            )
-        )
-        b = await stack.enter_async_context(
-            serve_runtime(
-                make_settings(pg_url, instance_id="b", redis_url=redis_url, redis_channel=channel)
-            )
+        a, b = await _replicas(
+            stack, pg_url, channel, f"redis://127.0.0.1:{proxy.port}/0", redis_url
         )
         broker = a.rt.broker
         assert broker is not None
