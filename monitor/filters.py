@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+from runtime.protocol import is_poison
+
 from .errors import FilterError
 
 __all__ = [
@@ -73,7 +75,7 @@ def violation_cursor(cursor: str) -> int:
 def holdable(value: str) -> bool:
     """Whether the store can hold ``value`` at all: PostgreSQL text refuses NUL, and no
     encoding takes a lone surrogate. A filter or id that is not can match nothing."""
-    return "\x00" not in value and not any("\ud800" <= c <= "\udfff" for c in value)
+    return not is_poison(value)
 
 
 def check_text(field: str, value: str | None, limit: int) -> str | None:

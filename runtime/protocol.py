@@ -34,6 +34,7 @@ __all__ = [
     "ProtocolErrorCode",
     "Resume",
     "error_frame",
+    "is_poison",
     "parse_client_frame",
     "poisoned_field",
     "serialize_client_frame",
@@ -164,12 +165,12 @@ class FrameError:
 def _ref_of(obj: dict[str, Any]) -> str | None:
     for key in ("client_msg_id", "run_id"):
         value = obj.get(key)
-        if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN and not _is_poison(value):
+        if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN and not is_poison(value):
             return value
     return None
 
 
-def _is_poison(text: str) -> bool:
+def is_poison(text: str) -> bool:
     """True for a string no store or socket can hold: a NUL character or a lone UTF-16
     surrogate (JSON escapes like ``"\\ud83d"`` decode to one; a valid pair decodes to a
     single character and passes)."""
@@ -191,7 +192,7 @@ def _field_name(path: tuple[str | int, ...]) -> str:
             name += f"[{part}]"
         else:
             shown = (
-                part if not _is_poison(part) else part.encode("utf-8", "backslashreplace").decode()
+                part if not is_poison(part) else part.encode("utf-8", "backslashreplace").decode()
             )
             name += shown if not name else f".{shown}"
     return name or "frame"
@@ -206,11 +207,11 @@ def poisoned_field(obj: Any) -> str | None:
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
-            if _is_poison(value):
+            if is_poison(value):
                 return _field_name(path)
         elif isinstance(value, dict):
             for key, item in value.items():
-                if _is_poison(key):
+                if is_poison(key):
                     return _field_name((*path, key))
                 stack.append(((*path, key), item))
         elif isinstance(value, list):

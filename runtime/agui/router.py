@@ -27,7 +27,7 @@ from ..auth import AuthError, Identity, TokenAuthority
 from ..engine import Engine
 from ..events import new_id, now_us
 from ..hub import Hub
-from ..protocol import MAX_CHAT_CHARS, Chat, FrameError, ProtocolErrorCode
+from ..protocol import MAX_CHAT_CHARS, Chat, FrameError, ProtocolErrorCode, is_poison
 from ..runs import RunService
 from ..sender import Connection
 from ..store.audit import AuditStore, ConnectionClose, ConnectionOpen, RunInfo
@@ -57,11 +57,6 @@ class AguiConfig:
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
     return HTTPException(status, detail, headers=headers)
-
-
-def _storable(text: str) -> bool:
-    # What the store cannot hold never reaches it (docs/protocol.md, frame rules).
-    return "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text)
 
 
 def _user_text(message: UserMessage) -> str:
@@ -109,7 +104,8 @@ def _parse_input(raw: bytes, *, need_text: bool) -> _Input:
             raise _problem(422, "the last user message has no text")
         if len(text) > MAX_CHAT_CHARS:
             raise _problem(422, f"the last user message is longer than {MAX_CHAT_CHARS}")
-    if not all(_storable(s) for s in (text, agent or "")):
+    # What the store cannot hold never reaches it (docs/protocol.md, frame rules).
+    if any(is_poison(s) for s in (text, agent or "")):
         raise _problem(422, "the input contains a NUL character or a lone surrogate")
     return _Input(parsed.run_id, parsed.thread_id, text, agent)
 
